@@ -1,0 +1,187 @@
+// Fused softmax / log_softmax on the CPU: z = x*scale (+ additive mask | masked
+// fill | causal), then a numerically stable softmax over the last dim.
+//
+// input: [A, B, L, N] contiguous, one row per (a, b, l); mask: [A, B, L, N] view
+// with any strides (0 where broadcast). Rows are spread over threads with
+// at::parallel_for; each row takes three vectorised passes over an fp32 (fp64 for
+// double) buffer: z and its max, exp(z - max) and its sum, the normalisation.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/row.h"
+
+namespace llmfast::cpu {
+namespace {
+
+using at::Tensor;
+
+struct MaskView {
+  const void* ptr = nullptr;
+  bool is_bool = false;
+  int64_t sa = 0, sb = 0, sl = 0, sn = 0;
+};
+
+template <typename acc_t>
+void apply_mask(acc_t* z, int64_t n, const MaskView& mk, int64_t a, int64_t b, int64_t l) {
+  const int64_t off = a * mk.sa + b * mk.sb + l * mk.sl;
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  if (mk.is_bool) {
+    const bool* m = static_cast<const bool*>(mk.ptr) + off;
+    for (int64_t j = 0; j < n; ++j) z[j] = m[j * mk.sn] ? z[j] : ninf;
+  } else {
+    const float* m = static_cast<const float*>(mk.ptr) + off;
+    if (mk.sn == 1) {
+      for (int64_t j = 0; j < n; ++j) z[j] += static_cast<acc_t>(m[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) z[j] += static_cast<acc_t>(m[j * mk.sn]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void softmax_fwd_rows(const Tensor& x, Tensor& y, double scale_d, const MaskView* mask, bool causal, bool log) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t B = x.size(1), L = x.size(2), N = x.size(3);
+  const int64_t M = x.numel() / std::max<int64_t>(N, 1);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const bool masked = mask != nullptr || causal;
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+
+  at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> in_buf(std::is_same_v<scalar_t, acc_t> ? 0 : N), z_buf(N);
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t l = m % L, b = (m / L) % B, a = m / (L * B);
+      scalar_t* yr = yp + m * N;
+      // Causal rows only see columns [0, l]; the rest is -inf (prob 0).
+      const int64_t n = causal ? std::min<int64_t>(N, l + 1) : N;
+      const acc_t* xr = load_row<scalar_t, acc_t>(xp + m * N, n, in_buf.data());
+      // z = x * scale into the output row when it is acc_t, else a scratch row.
+      acc_t* z = row_buffer<scalar_t, acc_t>(yr, z_buf.data());
+      at::vec::map([scale](Vec v) { return v * Vec(scale); }, z, xr, n);
+      if (mask) apply_mask(z, n, *mask, a, b, l);
+      const acc_t mx = n > 0 ? vec_max(z, n) : ninf;
+      if (masked && mx == ninf) {  // no visible position: zeros, never NaN
+        std::fill(yr, yr + N, scalar_t(0));
+        continue;
+      }
+      // exp(z - max), summed; the probabilities are kept only for softmax.
+      Vec vsum(acc_t(0)), vmax(mx);
+      int64_t j = 0;
+      for (; j + Vec::size() <= n; j += Vec::size()) {
+        Vec e = (Vec::loadu(z + j) - vmax).exp_u20();
+        if (!log) e.store(z + j);
+        vsum = vsum + e;
+      }
+      if (j < n) {
+        Vec e = (Vec::loadu(z + j, n - j) - vmax).exp_u20();
+        if (!log) e.store(z + j, n - j);
+        // Lanes past the tail hold exp(0 - max) garbage: blank them before summing.
+        acc_t tail[Vec::size()] = {};
+        e.store(tail, n - j);
+        vsum = vsum + Vec::loadu(tail);
+      }
+      const acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, vsum);
+      if (log) {
+        const acc_t lse = mx + std::log(sum);
+        at::vec::map([lse](Vec v) { return v - Vec(lse); }, z, z, n);
+        std::fill(z + n, z + N, ninf);
+      } else {
+        const acc_t inv = acc_t(1) / sum;
+        at::vec::map([inv](Vec v) { return v * Vec(inv); }, z, z, n);
+        std::fill(z + n, z + N, acc_t(0));
+      }
+      store_row<scalar_t, acc_t>(z, yr, N);
+    }
+  });
+}
+
+template <typename scalar_t>
+void softmax_bwd_rows(const Tensor& dy, const Tensor& y, Tensor& dx, double scale_d, bool log, bool masked) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t N = y.size(-1);
+  const int64_t M = y.numel() / std::max<int64_t>(N, 1);
+  const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+  const scalar_t* yp = y.const_data_ptr<scalar_t>();
+  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+
+  at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> b_dy(same ? 0 : N), b_y(same ? 0 : N), b_dx(N);
+    for (int64_t m = begin; m < end; ++m) {
+      const acc_t* g = load_row<scalar_t, acc_t>(dyp + m * N, N, b_dy.data());
+      const acc_t* p = load_row<scalar_t, acc_t>(yp + m * N, N, b_y.data());
+      acc_t* d = row_buffer<scalar_t, acc_t>(dxp + m * N, b_dx.data());
+      if (!log) {
+        // dx = scale * y * (dy - sum(dy * y))
+        const acc_t dot = at::vec::map2_reduce_all<acc_t>(
+            [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, g, p, N);
+        at::vec::map2([dot, scale](Vec a, Vec b) { return b * (a - Vec(dot)) * Vec(scale); }, d, g, p, N);
+      } else {
+        // dx = scale * (dy - exp(y) * sum(dy))
+        const acc_t s = vec_sum(g, N);
+        if (masked) {
+          // A fully masked row was written as zeros: exp(0) sums to N > 1 there,
+          // while any real log-softmax row sums to 1.
+          const acc_t total = at::vec::map_reduce_all<acc_t>(
+              [](Vec a) { return a.exp_u20(); }, [](Vec a, Vec b) { return a + b; }, p, N);
+          if (N > 1 && total > acc_t(1.5)) {
+            std::fill(d, d + N, acc_t(0));
+            store_row<scalar_t, acc_t>(d, dxp + m * N, N);
+            continue;
+          }
+        }
+        at::vec::map2([s, scale](Vec a, Vec b) { return (a - b.exp_u20() * Vec(s)) * Vec(scale); }, d, g, p, N);
+        if (masked) {
+          for (int64_t j = 0; j < N; ++j) d[j] = p[j] == ninf ? acc_t(0) : d[j];
+        }
+      }
+      store_row<scalar_t, acc_t>(d, dxp + m * N, N);
+    }
+  });
+}
+
+Tensor softmax_fwd(const Tensor& input, double scale, const std::optional<Tensor>& mask, bool is_causal, bool log) {
+  TORCH_CHECK(input.dim() == 4 && input.is_contiguous(), "llmfast::softmax_fwd: input must be a contiguous [A, B, L, N] tensor");
+  MaskView mv;
+  if (mask.has_value()) {
+    const Tensor& mk = *mask;
+    TORCH_CHECK(mk.sizes() == input.sizes(), "llmfast::softmax_fwd: mask must be viewed as ", input.sizes(), ", got ", mk.sizes());
+    TORCH_CHECK(mk.scalar_type() == at::kBool || mk.scalar_type() == at::kFloat,
+                "llmfast::softmax_fwd: mask must be bool or float32, got ", mk.scalar_type());
+    TORCH_CHECK(mk.device() == input.device(), "llmfast::softmax_fwd: mask is on ", mk.device(), ", input on ", input.device());
+    mv = {mk.const_data_ptr(), mk.scalar_type() == at::kBool, mk.stride(0), mk.stride(1), mk.stride(2), mk.stride(3)};
+  }
+  Tensor out = at::empty_like(input);
+  if (input.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "llmfast_softmax_fwd_cpu", [&] {
+    softmax_fwd_rows<scalar_t>(input, out, scale, mask.has_value() ? &mv : nullptr, is_causal, log);
+  });
+  return out;
+}
+
+Tensor softmax_bwd(const Tensor& grad_out, const Tensor& out, double scale, bool log, bool masked) {
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "llmfast::softmax_bwd: grad_out has shape ", grad_out.sizes(), ", out ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == out.scalar_type(), "llmfast::softmax_bwd: grad_out dtype ", grad_out.scalar_type(), " != out dtype ", out.scalar_type());
+  const Tensor dy = grad_out.contiguous(), y = out.contiguous();
+  Tensor dx = at::empty_like(y);
+  if (y.numel() == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "llmfast_softmax_bwd_cpu", [&] {
+    softmax_bwd_rows<scalar_t>(dy, y, dx, scale, log, masked);
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llmfast, CPU, m) {
+  m.impl("softmax_fwd", &softmax_fwd);
+  m.impl("softmax_bwd", &softmax_bwd);
+}
+
+}  // namespace llmfast::cpu

@@ -1,0 +1,32 @@
+// Every llmfast schema, in one place (the extension-cpp / FlashAttention-3 layout):
+// the CPU kernels live in csrc/cpu/<op>.cpp, the CUDA ones in csrc/cuda/<op>.cu, and
+// the fake (meta) implementations and autograd formulas in llmfast/ops/<op>.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(llmfast, m) {
+  // softmax / log_softmax over the last dim of input: [A, B, L, N] (contiguous).
+  // mask: None, or bool (True = keep) / float32 (additive), viewed as [A, B, L, N]
+  // with any strides (0 for broadcast dims). is_causal keeps column j <= row l.
+  m.def("softmax_fwd(Tensor input, float scale, Tensor? mask, bool is_causal, bool log) -> Tensor");
+  // grad_input from (grad_out, out); `masked` says positions at -inf / fully masked
+  // rows came from a mask and get zero gradient.
+  m.def("softmax_bwd(Tensor grad_out, Tensor out, float scale, bool log, bool masked) -> Tensor");
+}
+
+// A Python module with no functions: importing it loads the library above and the
+// kernels registered by the other translation units. Build facts are attributes.
+static struct PyModuleDef llmfast_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* mod = PyModule_Create(&llmfast_module);
+  if (mod == nullptr) return nullptr;
+  PyModule_AddStringConstant(mod, "cpu_isa", LLMFAST_CPU_ISA);
+  PyModule_AddStringConstant(mod, "cuda_archs", LLMFAST_CUDA_ARCHS);
+#ifdef LLMFAST_WITH_CUDA
+  PyModule_AddIntConstant(mod, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(mod, "with_cuda", 0);
+#endif
+  return mod;
+}

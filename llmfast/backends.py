@@ -1,0 +1,205 @@
+"""Backend registry: which implementation of an op runs, and why the others can't.
+
+Four backends implement every op behind one API:
+
+========  =====================================================  ======================
+name      runs on                                                 code
+========  =====================================================  ======================
+triton    CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``  ``kernels/<op>.py``
+cuda      CUDA tensors                                            ``csrc/cuda/<op>.cu``
+cpu       CPU tensors                                             ``csrc/cpu/<op>.cpp``
+torch     anywhere (the reference, and the last fallback)         ``llmfast/reference.py``
+========  =====================================================  ======================
+
+The choice is ``"auto"`` by default (the fastest available for the tensor's
+device), the ``LLMFAST_BACKEND`` environment variable, or the
+:func:`backend` context manager.  Asking for a backend that cannot run an op
+raises a :class:`BackendUnavailableError` that says why.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+_CHOICES = ("auto",) + BACKENDS
+
+# "auto" tries these in order. On a GPU the Triton kernels are autotuned and win or
+# tie; the CUDA ones are next. On a CPU the interpreted Triton path is for tests only.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this op on this device."""
+
+
+@dataclass
+class OpSpec:
+    """What an op declares about its backends.
+
+    ``native``: the name of the C++ schema whose CPU/CUDA kernels implement it.
+    ``triton``: whether kernels/<op>.py implements it.
+    ``dtypes``: the dtypes the kernel backends take (the torch backend takes any float).
+    ``notes``: per-backend remarks shown by ``llmfast info`` (e.g. features that are
+    served by the reference).
+    """
+
+    name: str
+    native: str | None = None
+    triton: bool = True
+    dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16)
+    cpu_dtypes: tuple | None = None
+    notes: dict = field(default_factory=dict)
+
+
+OPS: dict[str, OpSpec] = {}
+
+
+def register_op(spec: OpSpec) -> OpSpec:
+    OPS[spec.name] = spec
+    return spec
+
+
+# ----------------------------------------------------------------------------------
+# Environment probes (cached: they don't change within a process)
+
+
+@functools.lru_cache(maxsize=None)
+def _extension():
+    """(module, None) when llmfast._C imports, else (None, reason)."""
+    try:
+        from llmfast import _C  # noqa: F401
+    except ImportError as e:  # a Triton-only or torch-only install
+        return None, f"llmfast._C is not built ({e}); reinstall with `pip install --no-build-isolation -e .`"
+    return _C, None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return None, f"triton is not installed ({e})"
+    return triton, None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _has_kernel(schema: str, key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(schema, key)
+    except RuntimeError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def why_not(op: str, backend: str, device_type: str) -> str | None:
+    """None when ``backend`` can run ``op`` on ``device_type``, else the reason."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; known ops: {sorted(OPS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {_CHOICES}")
+    spec = OPS[op]
+    if backend == "torch":
+        return None
+    if device_type not in ("cpu", "cuda"):
+        return f"llmfast kernels run on cpu and cuda tensors, not {device_type}"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch"
+    if backend == "triton":
+        if not spec.triton:
+            return f"{op} has no Triton kernel"
+        _, err = _triton()
+        if err:
+            return err
+        if device_type == "cpu" and not triton_interpret():
+            return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+        return None
+    if backend == "cpu" and device_type != "cpu":
+        return "the cpu backend runs CPU tensors"
+    if backend == "cuda" and device_type != "cuda":
+        return "the cuda backend runs CUDA tensors"
+    if spec.native is None:
+        return f"{op} has no C++ kernel"
+    ext, err = _extension()
+    if err:
+        return err
+    key = "CPU" if backend == "cpu" else "CUDA"
+    if backend == "cuda" and not getattr(ext, "with_cuda", False):
+        return "llmfast._C was built without CUDA (no nvcc or LLMFAST_BUILD_CUDA=0 at build time)"
+    if not _has_kernel(spec.native, key):
+        return f"llmfast._C has no {key} kernel for {spec.native}"
+    return None
+
+
+def available(op: str, device="cpu") -> dict[str, str | None]:
+    """Map each backend to ``None`` (it can run ``op`` on ``device``) or the reason it can't."""
+    device_type = torch.device(device).type
+    return {b: why_not(op, b, device_type) for b in BACKENDS}
+
+
+# ----------------------------------------------------------------------------------
+# Selection
+
+_ENV = os.environ.get("LLMFAST_BACKEND", "auto").strip().lower() or "auto"
+if _ENV not in _CHOICES:
+    raise ValueError(f"LLMFAST_BACKEND={_ENV!r}; expected one of {_CHOICES}")
+_stack = [_ENV]
+
+
+def current() -> str:
+    """The backend name in force: ``"auto"`` or one of :data:`BACKENDS`."""
+    return _stack[-1]
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Run the ops inside the ``with`` block on backend ``name``.
+
+    >>> with llmfast.backend("cpu"):
+    ...     y = llmfast.nn.functional.softmax(x, dim=-1)
+    """
+    if not isinstance(name, str) or name.lower() not in _CHOICES:
+        raise ValueError(f"backend must be one of {_CHOICES}, got {name!r}")
+    _stack.append(name.lower())
+    try:
+        yield
+    finally:
+        _stack.pop()
+
+
+@torch.compiler.assume_constant_result
+def _resolve_cached(op: str, device_type: str, dtype: torch.dtype, requested: str) -> str:
+    return _resolve(op, device_type, dtype, requested)
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(op: str, device_type: str, dtype: torch.dtype, requested: str) -> str:
+    spec = OPS[op]
+    kernel_dtypes = spec.dtypes
+    if requested == "auto":
+        for name in _AUTO_ORDER.get(device_type, ("torch",)):
+            dtypes = spec.cpu_dtypes if (name == "cpu" and spec.cpu_dtypes) else kernel_dtypes
+            if name == "torch" or (why_not(op, name, device_type) is None and dtype in dtypes):
+                return name
+        return "torch"
+    reason = why_not(op, requested, device_type)
+    if reason is not None:
+        raise BackendUnavailableError(f"llmfast backend {requested!r} cannot run {op} on {device_type}: {reason}")
+    dtypes = spec.cpu_dtypes if (requested == "cpu" and spec.cpu_dtypes) else kernel_dtypes
+    if requested != "torch" and dtype not in dtypes:
+        raise BackendUnavailableError(
+            f"llmfast backend {requested!r} does not support {dtype} for {op}; supported: {list(dtypes)}")
+    return requested
+
+
+def resolve(op: str, tensor: torch.Tensor) -> str:
+    """The backend that runs ``op`` for ``tensor`` under the current setting."""
+    return _resolve_cached(op, tensor.device.type, tensor.dtype, current())
