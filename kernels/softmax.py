@@ -199,7 +199,7 @@ def softmax_bwd(dy, y, scale, log, masked):
 
 
 def _compile_configs():
-    """Every (kernel, signature, constexprs) the launchers can produce, for compile tests."""
+    """Every (kernel, signature, constexprs, options) the launchers can produce, for compile tests."""
     out = []
     for dt in ("fp32", "fp16", "bf16"):
         for single, block in ((True, 1), (True, 128), (True, MAX_FUSED_N), (False, LOOP_BLOCK_N)):
@@ -210,12 +210,14 @@ def _compile_configs():
                                "L": "i32", "scale": "fp32", "stride_ma": "i64", "stride_mb": "i64",
                                "stride_ml": "i64", "stride_mn": "i64"}
                         out.append((_softmax_fwd_kernel, sig, dict(MASK_KIND=kind, IS_CAUSAL=causal, LOG=log,
-                                                                   SINGLE_PASS=single, BLOCK_N=block)))
+                                                                   SINGLE_PASS=single, BLOCK_N=block),
+                                    dict(num_warps=_block(block if single else 10**9)[2])))
             for log in (False, True):
                 for masked in (False, True):
                     sig = {"DY_ptr": f"*{dt}", "Y_ptr": f"*{dt}", "DX_ptr": f"*{dt}", "N": "i32", "scale": "fp32"}
                     out.append((_softmax_bwd_kernel, sig, dict(LOG=log, MASKED=masked, SINGLE_PASS=single,
-                                                               BLOCK_N=block)))
+                                                               BLOCK_N=block),
+                                dict(num_warps=_block(block if single else 10**9)[2])))
     return out
 
 

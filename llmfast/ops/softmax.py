@@ -150,3 +150,24 @@ def softmax(x: Tensor, dim: int, *, scale: Optional[float] = None, mask: Optiona
     op = softmax_fwd_triton if which == "triton" else native("softmax_fwd")
     y = op(x4, 1.0 if scale is None else float(scale), m4, is_causal, log)
     return y.reshape(x.movedim(dim, -1).shape).movedim(-1, dim)
+
+
+def checks():
+    """``llmfast check`` cases: (name, make_inputs(device, dtype), fn)."""
+    from llmfast.nn import functional as F
+
+    def rows(device, dtype):
+        return [torch.randn(2, 3, 9, 781, device=device).to(dtype)]
+
+    def masked(device, dtype):
+        x = torch.randn(2, 4, 9, 211, device=device).to(dtype)
+        return [x, torch.rand(2, 1, 9, 211, device=device) > 0.3]
+
+    return [
+        ("softmax", rows, lambda x: F.softmax(x, -1)),
+        ("softmax dim=1", rows, lambda x: F.softmax(x, 1)),
+        ("softmax scale+mask", masked, lambda x, m: F.softmax(x, -1, scale=0.3, mask=m)),
+        ("softmax causal", rows, lambda x: F.softmax(x, -1, is_causal=True)),
+        ("log_softmax", rows, lambda x: F.log_softmax(x, -1)),
+        ("log_softmax scale+mask", masked, lambda x, m: F.log_softmax(x, -1, scale=0.3, mask=m)),
+    ]

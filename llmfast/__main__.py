@@ -1,0 +1,5 @@
+import sys
+
+from llmfast.cli import main
+
+sys.exit(main())
