@@ -12,6 +12,21 @@ TORCH_LIBRARY(llmfast, m) {
   // grad_input from (grad_out, out); `masked` says positions at -inf / fully masked
   // rows came from a mask and get zero gradient.
   m.def("softmax_bwd(Tensor grad_out, Tensor out, float scale, bool log, bool masked) -> Tensor");
+
+  // Attention softmax(q k^T * scale + mask) v, tile by tile with an online softmax.
+  // q: [B, H, L, D], k: [B, Hkv, S, D], v: [B, Hkv, S, Dv]; H % Hkv == 0 (GQA: query
+  // head h reads kv head h / (H / Hkv)). Last dims contiguous, other strides free.
+  // mask: None, or bool (True = attend) / float32 (additive) viewed as [B, H, L, S]
+  // with any strides. is_causal keeps key j <= query i (top-left, torch.tril).
+  // dropout_p > 0 drops probabilities with a counter-based RNG keyed by `seed`, so
+  // backward regenerates the same mask. Returns out [B, H, L, Dv] (contiguous, input
+  // dtype) and lse [B, H, L] (float32; -inf for a row with no visible key, whose out
+  // is zeros and whose gradients are zero).
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool is_causal, "
+        "float dropout_p, int seed) -> (Tensor, Tensor)");
+  // Returns (dq, dk, dv) shaped like q, k, v (dk/dv summed over each GQA group).
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
+        "float scale, bool is_causal, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
 }
 
 // A Python module with no functions: importing it loads the library above and the
