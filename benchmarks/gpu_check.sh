@@ -29,3 +29,6 @@ step check 60 "$PY" -m llmfast check --device cuda
 step bench 150 "$PY" -m llmfast bench --device cuda --dtype bf16 --dtype fp32 --out "$OUT/bench"
 tail -5 "$OUT/tests.log" "$OUT/check.log"; tail -60 "$OUT/bench.log"
 cat "$OUT/summary.txt"
+# The device tool brings back at most 8 files: pack the logs and results into one.
+tar -czf "$OUT/results.tar.gz" -C "$OUT" --exclude=results.tar.gz --exclude=summary.txt . && \
+  find "$OUT" -mindepth 1 ! -name results.tar.gz ! -name summary.txt -delete
