@@ -98,16 +98,21 @@ void layer_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, co
 
   at::parallel_for(0, blocks.K, 1, [&](int64_t kb, int64_t ke) {
     std::vector<acc_t> bx(same ? 0 : N), bdy(same ? 0 : N), bds(same || !dsp ? 0 : N), bdx(same ? 0 : N);
+    std::vector<acc_t> gdw(dw_part ? N : 0), gdb(db_part ? N : 0);  // the current group's sums
+    acc_t* pdw = dw_part ? gdw.data() : nullptr;
+    acc_t* pdb = db_part ? gdb.data() : nullptr;
     for (int64_t k = kb; k < ke; ++k) {
-      acc_t* pdw = dw_part ? dw_part + k * N : nullptr;
-      acc_t* pdb = db_part ? db_part + k * N : nullptr;
-      if (pdw) std::fill(pdw, pdw + N, acc_t(0));
-      if (pdb) std::fill(pdb, pdb + N, acc_t(0));
+      if (dw_part) std::fill(dw_part + k * N, dw_part + (k + 1) * N, acc_t(0));
+      if (db_part) std::fill(db_part + k * N, db_part + (k + 1) * N, acc_t(0));
       for (int64_t m = blocks.begin(k); m < blocks.end(k); ++m) {
+        if ((m - blocks.begin(k)) % kGroup == 0) {
+          if (pdw) std::fill(pdw, pdw + N, acc_t(0));
+          if (pdb) std::fill(pdb, pdb + N, acc_t(0));
+        }
         const acc_t* xr = load_row<scalar_t, acc_t>(xp + m * sx, N, bx.data());
         const acc_t* gr = load_row<scalar_t, acc_t>(dyp + m * sdy, N, bdy.data());
         const Vec vmu(mp[m]), vrs(rsp[m]);
-        // pass 1: mean(g), mean(g * x_hat), and this block's dw/db partials. Masked tail
+        // pass 1: mean(g), mean(g * x_hat), and the group's dw/db sums. Masked tail
         // lanes load dy = 0, so every product there is 0.
         Vec ta(acc_t(0)), tb(acc_t(0));
         for (int64_t c = 0; c < N; c += kChunk) {
@@ -140,6 +145,10 @@ void layer_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, co
           out.store(dxr + j, cnt);
         }
         store_row<scalar_t, acc_t>(dxr, dxp + m * N, N);
+        if ((m + 1 - blocks.begin(k)) % kGroup == 0 || m + 1 == blocks.end(k)) {
+          if (pdw) add_row(dw_part + k * N, pdw, N);
+          if (pdb) add_row(db_part + k * N, pdb, N);
+        }
       }
     }
   });

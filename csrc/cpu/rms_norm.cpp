@@ -75,14 +75,16 @@ void rms_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, cons
 
   at::parallel_for(0, blocks.K, 1, [&](int64_t kb, int64_t ke) {
     std::vector<acc_t> bx(same ? 0 : N), bdy(same ? 0 : N), bds(same || !dsp ? 0 : N), bdx(same ? 0 : N);
+    std::vector<acc_t> gdw(dw_part ? N : 0);  // the current group's sums
+    acc_t* pdw = dw_part ? gdw.data() : nullptr;
     for (int64_t k = kb; k < ke; ++k) {
-      acc_t* pdw = dw_part ? dw_part + k * N : nullptr;
-      if (pdw) std::fill(pdw, pdw + N, acc_t(0));
+      if (dw_part) std::fill(dw_part + k * N, dw_part + (k + 1) * N, acc_t(0));
       for (int64_t m = blocks.begin(k); m < blocks.end(k); ++m) {
+        if (pdw && (m - blocks.begin(k)) % kGroup == 0) std::fill(pdw, pdw + N, acc_t(0));
         const acc_t* xr = load_row<scalar_t, acc_t>(xp + m * sx, N, bx.data());
         const acc_t* gr = load_row<scalar_t, acc_t>(dyp + m * sdy, N, bdy.data());
         const Vec vrs(rsp[m]);
-        // pass 1: mean(g * x_hat) and the dw partial (masked tail lanes load dy = 0)
+        // pass 1: mean(g * x_hat) and the group's dw sum (masked tail lanes load dy = 0)
         Vec tb(acc_t(0));
         for (int64_t c = 0; c < N; c += kChunk) {
           const int64_t e = std::min(N, c + kChunk);
@@ -111,6 +113,9 @@ void rms_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, cons
           out.store(dxr + j, cnt);
         }
         store_row<scalar_t, acc_t>(dxr, dxp + m * N, N);
+        if (pdw && ((m + 1 - blocks.begin(k)) % kGroup == 0 || m + 1 == blocks.end(k))) {
+          add_row(dw_part + k * N, pdw, N);
+        }
       }
     }
   });
