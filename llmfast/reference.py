@@ -33,3 +33,19 @@ def softmax(x, dim=-1, *, scale=None, mask=None, is_causal=False, log=False):
             out = out.masked_fill(dead, float("-inf"))
         out = out.masked_fill(dead.all(dim, keepdim=True), 0.0)
     return out
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None):
+    """``torch.nn.functional.layer_norm``; with ``residual``, of ``s = x + residual``
+    (in x's dtype), returning ``(out, s)``."""
+    s = x if residual is None else x + residual
+    out = torch.nn.functional.layer_norm(s, list(normalized_shape), weight, bias, eps)
+    return out if residual is None else (out, s)
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, residual=None):
+    """``torch.nn.functional.rms_norm``; with ``residual``, of ``s = x + residual``
+    (in x's dtype), returning ``(out, s)``. ``eps=None`` is ``torch.finfo(x.dtype).eps``."""
+    s = x if residual is None else x + residual
+    out = torch.nn.functional.rms_norm(s, list(normalized_shape), weight, eps)
+    return out if residual is None else (out, s)

@@ -6,15 +6,16 @@ torch-style errors, and calls :mod:`llmfast.ops`, which picks the backend.
 """
 from __future__ import annotations
 
+import operator
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from llmfast import ops
 
-__all__ = ["softmax", "log_softmax"]
+__all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm"]
 
 
 def _check_float(name: str, arg: str, t: Tensor):
@@ -93,3 +94,116 @@ def log_softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3, 
     Masked positions give ``-inf`` with zero gradient; a fully masked row gives zeros.
     """
     return _softmax_common("log_softmax", input, dim, _stacklevel, dtype, scale, mask, is_causal, log=True)
+
+
+# ----------------------------------------------------------------------------------
+# LayerNorm / RMSNorm
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _normalized_shape(name: str, normalized_shape) -> tuple:
+    if not isinstance(normalized_shape, (list, tuple)):  # torch.Size is a tuple
+        raise TypeError(f"{name}(): argument 'normalized_shape' must be tuple of ints, "
+                        f"not {type(normalized_shape).__name__}")
+    out = []
+    for i, d in enumerate(normalized_shape):
+        if isinstance(d, bool) or isinstance(d, float):
+            raise TypeError(f"{name}(): argument 'normalized_shape' must be tuple of ints, but found element of "
+                            f"type {type(d).__name__} at pos {i}")
+        try:
+            out.append(operator.index(d))
+        except TypeError:
+            raise TypeError(f"{name}(): argument 'normalized_shape' must be tuple of ints, but found element of "
+                            f"type {type(d).__name__} at pos {i}") from None
+    if not out:
+        raise RuntimeError(f"{name}(): Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
+                           f"least one element, but got normalized_shape = []")
+    return tuple(out)
+
+
+def _check_norm_args(name: str, input, normalized_shape, params: dict, eps, residual) -> tuple:
+    """torch's checks for layer_norm/rms_norm, plus the residual's; returns normalized_shape as a tuple."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name}(): argument 'input' must be a Tensor, not {type(input).__name__}")
+    _check_float(name, "input", input)
+    shape = _normalized_shape(name, normalized_shape)
+    k = len(shape)
+    if input.dim() < k or tuple(input.shape[-k:]) != shape:
+        raise RuntimeError(f"{name}(): Given normalized_shape={list(shape)}, expected input with shape "
+                           f"[*, {', '.join(map(str, shape))}], but got input of size {list(input.shape)}")
+    for arg, p in params.items():
+        if p is None:
+            continue
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{name}(): argument '{arg}' must be a Tensor or None, not {type(p).__name__}")
+        if tuple(p.shape) != shape:
+            raise RuntimeError(f"{name}(): Expected {arg} to be of same shape as normalized_shape, but got {arg} of "
+                               f"shape {list(p.shape)} and normalized_shape = {list(shape)}")
+        if not p.is_floating_point():
+            raise TypeError(f"{name}(): argument '{arg}' must be a floating point tensor, got {p.dtype}")
+        if p.device != input.device:
+            raise RuntimeError(f"{name}(): {arg} is on {p.device} but input is on {input.device}")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))):
+        raise TypeError(f"{name}(): argument 'eps' must be a number, not {type(eps).__name__}")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"{name}(): argument 'residual' must be a Tensor or None, not {type(residual).__name__}")
+        if residual.shape != input.shape:
+            raise RuntimeError(f"{name}(): residual of shape {list(residual.shape)} must have the input's shape "
+                               f"{list(input.shape)}")
+        if residual.dtype != input.dtype:
+            raise TypeError(f"{name}(): residual dtype {residual.dtype} must match the input's dtype {input.dtype}")
+        if residual.device != input.device:
+            raise RuntimeError(f"{name}(): residual is on {residual.device} but input is on {input.device}")
+    return shape
+
+
+def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5, *, residual: Optional[Tensor] = None):
+    r"""Layer normalisation over the trailing ``normalized_shape`` dims, like
+    :func:`torch.nn.functional.layer_norm`, with a fused residual add.
+
+    Args:
+        input: floating point tensor ``[*, *normalized_shape]``.
+        normalized_shape: the trailing shape normalised over (a list/tuple of ints).
+        weight, bias: ``normalized_shape`` tensors in the input's dtype, or float32 for a
+            float16/bfloat16 input (as torch allows); either may be None.
+        eps: added to the variance.
+        residual (keyword): a tensor like ``input``. The kernel normalises
+            ``s = input + residual`` and returns ``(normalized, s)`` in one pass.
+
+    Statistics are fp32 for fp16/bf16 inputs; the output has the input's dtype.
+    """
+    shape = _check_norm_args("layer_norm", input, normalized_shape, {"weight": weight, "bias": bias}, eps, residual)
+    for arg, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.dtype != input.dtype and not (p.dtype == torch.float32 and input.dtype in _HALF):
+            raise RuntimeError(f"layer_norm(): mixed dtype: {arg} is {p.dtype} but input is {input.dtype}; expected "
+                               f"{input.dtype}" + (" or torch.float32" if input.dtype in _HALF else ""))
+    return ops.layer_norm(input, shape, weight, bias, float(eps), residual=residual)
+
+
+def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+             eps: Optional[float] = None, *, residual: Optional[Tensor] = None):
+    r"""Root-mean-square normalisation over the trailing ``normalized_shape`` dims, like
+    :func:`torch.nn.functional.rms_norm`, with a fused residual add.
+
+    Args:
+        input: floating point tensor ``[*, *normalized_shape]``.
+        normalized_shape: the trailing shape normalised over (a list/tuple of ints).
+        weight: a ``normalized_shape`` tensor or None. Any floating dtype, as in torch:
+            the output keeps the input's dtype (a weight in another dtype is read as
+            float32 for fp16/bf16 inputs, else in the input's dtype).
+        eps: added to the mean square; None means ``torch.finfo(input.dtype).eps``.
+        residual (keyword): a tensor like ``input``; returns ``(normalized, input + residual)``.
+    """
+    shape = _check_norm_args("rms_norm", input, normalized_shape, {"weight": weight}, eps, residual)
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    if weight is not None and weight.dtype != input.dtype:
+        # The kernels read the input's dtype or float32; the cast is differentiable, so
+        # weight.grad still arrives in the weight's own dtype.
+        target = torch.float32 if input.dtype in _HALF else input.dtype
+        if weight.dtype != target:
+            weight = weight.to(target)
+    return ops.rms_norm(input, shape, weight, float(eps), residual=residual)

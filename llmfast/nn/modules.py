@@ -9,7 +9,7 @@ from torch import Tensor
 
 from llmfast.nn import functional as F
 
-__all__ = ["Softmax", "LogSoftmax"]
+__all__ = ["Softmax", "LogSoftmax", "LayerNorm", "RMSNorm"]
 
 
 class Softmax(torch.nn.Softmax):
@@ -24,3 +24,27 @@ class LogSoftmax(torch.nn.LogSoftmax):
 
     def forward(self, input: Tensor) -> Tensor:
         return F.log_softmax(input, self.dim, _stacklevel=5)
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """:class:`torch.nn.LayerNorm` (same constructor, parameters and ``state_dict`` keys)
+    running llmfast's fused kernel.
+
+    ``forward(input, residual=None)``: with a residual, returns
+    ``(norm(input + residual), input + residual)`` from one pass over memory.
+    """
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None):
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, residual=residual)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """:class:`torch.nn.RMSNorm` (same constructor, parameters and ``state_dict`` keys)
+    running llmfast's fused kernel.
+
+    ``forward(input, residual=None)``: with a residual, returns
+    ``(norm(input + residual), input + residual)`` from one pass over memory.
+    """
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None):
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, residual=residual)
