@@ -9,6 +9,7 @@ from llmfast.backends import _extension
 
 _extension()  # loads llmfast._C when present, which defines the native schemas
 
+from llmfast.ops.attention import attention  # noqa: E402
 from llmfast.ops.softmax import softmax  # noqa: E402
 
-__all__ = ["softmax"]
+__all__ = ["attention", "softmax"]
