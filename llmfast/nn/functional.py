@@ -6,6 +6,7 @@ torch-style errors, and calls :mod:`llmfast.ops`, which picks the backend.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -191,10 +192,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     H = lead[-1] if lead else 1
     Hk = k_lead[-1] if k_lead else 1
     # [..., H, L, E] -> [B, H, L, E]: a view for rank <= 4 (broadcast batch dims keep stride 0)
-    q4 = query.expand(lead + (L, E)).reshape(-1, H, L, E)
-    k4 = key.expand(k_lead + (S, E)).reshape(-1, Hk, S, E)
-    v4 = value.expand(k_lead + (S, Ev)).reshape(-1, Hk, S, Ev)
-    m4 = None if attn_mask is None else attn_mask.expand(lead + (L, S)).reshape(-1, H, L, S)
+    B = math.prod(lead[:-1])
+    q4 = query.expand(lead + (L, E)).reshape(B, H, L, E)
+    k4 = key.expand(k_lead + (S, E)).reshape(B, Hk, S, E)
+    v4 = value.expand(k_lead + (S, Ev)).reshape(B, Hk, S, Ev)
+    m4 = None if attn_mask is None else attn_mask.expand(lead + (L, S)).reshape(B, H, L, S)
     out, _ = ops.attention(q4, k4, v4, m4, scale=scale, is_causal=bool(is_causal), dropout_p=float(dropout_p))
     return out.reshape(lead + (L, Ev))
 

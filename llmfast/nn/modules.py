@@ -95,7 +95,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             v = torch.nn.functional.linear(value, w_v, b_v).unflatten(-1, (H, hd))
         # masks -> [N or 1, H or 1, L, S] (additive float)
         if attn_mask is not None:
-            attn_mask = attn_mask.view(1, 1, L, -1) if attn_mask.dim() == 2 else attn_mask.view(N, H, L, -1)
+            S = key.shape[1]
+            want = (L, S) if attn_mask.dim() == 2 else (N * H, L, S)
+            if tuple(attn_mask.shape) != want:
+                raise RuntimeError(f"The shape of the {attn_mask.dim()}D attn_mask is {attn_mask.shape}, but should "
+                                   f"be {torch.Size(want)}.")
+            attn_mask = attn_mask.view(1, 1, L, S) if attn_mask.dim() == 2 else attn_mask.view(N, H, L, S)
         extra = []  # key columns appended by bias_k/bias_v and add_zero_attn
         if self.bias_k is not None and self.bias_v is not None:
             extra.append((self.bias_k.view(1, 1, H, hd).expand(N, 1, H, hd),
