@@ -9,8 +9,9 @@ from llmfast.backends import _extension
 
 _extension()  # loads llmfast._C when present, which defines the native schemas
 
+from llmfast.ops.attention import attention  # noqa: E402
 from llmfast.ops.layer_norm import layer_norm  # noqa: E402
 from llmfast.ops.rms_norm import rms_norm  # noqa: E402
 from llmfast.ops.softmax import softmax  # noqa: E402
 
-__all__ = ["softmax", "layer_norm", "rms_norm"]
+__all__ = ["attention", "layer_norm", "rms_norm", "softmax"]
