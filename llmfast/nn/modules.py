@@ -9,7 +9,7 @@ from torch import Tensor
 
 from llmfast.nn import functional as F
 
-__all__ = ["Softmax", "LogSoftmax"]
+__all__ = ["Softmax", "LogSoftmax", "CrossEntropyLoss"]
 
 
 class Softmax(torch.nn.Softmax):
@@ -24,3 +24,14 @@ class LogSoftmax(torch.nn.LogSoftmax):
 
     def forward(self, input: Tensor) -> Tensor:
         return F.log_softmax(input, self.dim, _stacklevel=5)
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """:class:`torch.nn.CrossEntropyLoss` running llmfast's fused cross-entropy.
+
+    Same constructor, ``weight`` buffer and ``state_dict`` as torch's.
+    """
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                               reduction=self.reduction, label_smoothing=self.label_smoothing)
