@@ -13,7 +13,7 @@ the gradients:
 
 So the gradients are computed during the forward (the Liger approach: no second
 projection in backward) and saved; backward scales them by the incoming scalar
-gradient (1/sum of target weights for 'mean'). This needs the loss to be a sum over
+gradient (times 1/sum of target weights for 'mean'). This needs the loss to be a sum over
 rows; for reduction='none' the per-row gradients are unknown in forward, so nothing is
 computed then and backward recomputes each chunk's logits instead. Peak extra memory:
 one [chunk, V] logits buffer (two in the recompute path) plus gradients the size of
@@ -70,6 +70,15 @@ def _check_targets(target: Tensor, V: int, ignore_index: int):
                          f"(targets must be in [0, {V}) or equal ignore_index={ignore_index})")
 
 
+def _reduce(loss: Tensor, target: Tensor, class_weight: Optional[Tensor], ignore_index: int, reduction: str):
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    return total / target_weights(target, class_weight, ignore_index, loss.dtype).sum()  # NaN if all ignored
+
+
 def _loss_kernels(which: str):
     """(fwd, fwd_grad, bwd) per-chunk loss kernels of a backend, called below autograd."""
     if which == "triton":
@@ -118,13 +127,14 @@ def _grads_fake(hidden, weight, bias, grad_mask):
 @torch.library.custom_op("llmfast::fused_linear_cross_entropy_fwd", mutates_args=())
 def fused_linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                                    class_weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
-                                   sum_rows: bool, grad_mask: int, chunk_size: int, backend: str
+                                   reduction: str, grad_mask: int, chunk_size: int, backend: str
                                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden [N, H], weight [V, H], bias [V]?, target [N] int64, class_weight [C] acc dtype.
 
-    Returns (loss, lse [N, 2], grad_hidden, grad_weight, grad_bias): loss is the sum over
-    rows (sum_rows) or the rows [N], in the accumulation dtype; the gradients are those
-    of the summed loss for the inputs named by grad_mask (needs sum_rows), else [0].
+    Returns (loss, lse [N, 2], grad_hidden, grad_weight, grad_bias): loss is reduced
+    ('mean' | 'sum': a scalar; 'none': [N]) in the accumulation dtype; the gradients are
+    those of the *summed* loss (backward applies 'mean''s 1/weight) for the inputs named
+    by grad_mask (not with 'none'), else [0].
     """
     N, H = hidden.shape
     V = weight.shape[0]
@@ -149,16 +159,16 @@ def fused_linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optiona
                 l, e = fwd(logits, t, class_weight, ignore_index, label_smoothing)
             loss[n0:n1] = l
             lse[n0:n1] = e
-    return (loss.sum() if sum_rows else loss, lse, _or_empty(gh, hidden),
+    return (_reduce(loss, target, class_weight, ignore_index, reduction), lse, _or_empty(gh, hidden),
             _or_empty(gw, hidden, weight.dtype), _or_empty(gb, hidden, None if bias is None else bias.dtype))
 
 
 @fused_linear_cross_entropy_fwd.register_fake
-def _fwd_fake(hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, sum_rows, grad_mask,
+def _fwd_fake(hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction, grad_mask,
               chunk_size, backend):
     N, H = hidden.shape
     acc = acc_dtype(hidden.dtype)
-    loss = hidden.new_empty((), dtype=acc) if sum_rows else hidden.new_empty(N, dtype=acc)
+    loss = hidden.new_empty(N, dtype=acc) if reduction == "none" else hidden.new_empty((), dtype=acc)
     return (loss, hidden.new_empty(N, 2, dtype=acc), *_grads_fake(hidden, weight, bias, grad_mask))
 
 
@@ -195,31 +205,39 @@ def _bwd_fake(grad_rows, hidden, weight, bias, target, class_weight, lse, ignore
 
 
 def _setup_context(ctx, inputs, output):
-    (hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, sum_rows, grad_mask, chunk_size,
+    (hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction, grad_mask, chunk_size,
      backend) = inputs
     loss, lse, gh, gw, gb = output
     ctx.mark_non_differentiable(lse, gh, gw, gb)
-    ctx.grad_mask, ctx.sum_rows, ctx.has_bias = grad_mask, sum_rows, bias is not None
+    ctx.grad_mask, ctx.reduction, ctx.has_bias = grad_mask, reduction, bias is not None
     ctx.ignore_index, ctx.label_smoothing, ctx.chunk_size, ctx.backend = (ignore_index, label_smoothing, chunk_size,
                                                                           backend)
-    if grad_mask:  # gradients already computed: keep only them
-        ctx.save_for_backward(gh, gw, gb)
+    # d loss / d(sum of rows): 1, or 1/sum of target weights for 'mean'. When every
+    # target is ignored that sum is 0 and the loss NaN, but (as in torch) the gradient is
+    # 0, not 0 * (1/0): the scale is 0 then.
+    if reduction == "mean":
+        total = target_weights(target, class_weight, ignore_index, lse.dtype).sum()
+        scale = torch.where(total > 0, 1 / total, 0)
     else:
-        ctx.save_for_backward(hidden, weight, bias, target, class_weight, lse)
+        scale = lse.new_ones(())
+    if grad_mask:  # gradients already computed: keep only them
+        ctx.save_for_backward(gh, gw, gb, scale)
+    else:
+        ctx.save_for_backward(hidden, weight, bias, target, class_weight, lse, scale)
 
 
 def _backward(ctx, grad_loss, _g_lse, _g_gh, _g_gw, _g_gb):
     want = ctx.needs_input_grad
     if ctx.grad_mask:
-        gh, gw, gb = ctx.saved_tensors
-        g = grad_loss.reshape(())
+        gh, gw, gb, scale = ctx.saved_tensors
+        g = grad_loss.reshape(()) * scale
         dh = gh * g.to(gh.dtype) if want[0] and ctx.grad_mask & GRAD_HIDDEN else None
         dw = gw * g.to(gw.dtype) if want[1] and ctx.grad_mask & GRAD_WEIGHT else None
         db = gb * g.to(gb.dtype) if want[2] and ctx.has_bias and ctx.grad_mask & GRAD_BIAS else None
     else:
-        hidden, weight, bias, target, class_weight, lse = ctx.saved_tensors
-        rows = grad_loss.to(lse.dtype)
-        rows = rows.expand(hidden.shape[0]) if ctx.sum_rows else rows
+        hidden, weight, bias, target, class_weight, lse, scale = ctx.saved_tensors
+        rows = grad_loss.to(lse.dtype) * scale
+        rows = rows if ctx.reduction == "none" else rows.expand(hidden.shape[0])
         mask = (GRAD_HIDDEN if want[0] else 0) | (GRAD_WEIGHT if want[1] else 0) | (GRAD_BIAS if want[2] else 0)
         gh, gw, gb = fused_linear_cross_entropy_bwd(rows.contiguous(), hidden, weight, bias, target, class_weight,
                                                     lse, ctx.ignore_index, ctx.label_smoothing, mask,
@@ -246,15 +264,12 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
     N, H = hidden.shape
     V = weight.shape[0]
     chunk = int(chunk_size) if chunk_size else default_chunk_size(N, H, V)
-    sum_rows = reduction != "none"
     grad_mask = 0
-    if torch.is_grad_enabled() and sum_rows:
+    if torch.is_grad_enabled() and reduction != "none":
         grad_mask = ((GRAD_HIDDEN if hidden.requires_grad else 0) | (GRAD_WEIGHT if weight.requires_grad else 0)
                      | (GRAD_BIAS if bias is not None and bias.requires_grad else 0))
     loss, *_ = fused_linear_cross_entropy_fwd(hidden, weight, bias, target, class_weight, int(ignore_index),
-                                              float(label_smoothing), sum_rows, grad_mask, chunk, which)
-    if reduction == "mean":
-        loss = loss / target_weights(target, class_weight, ignore_index, loss.dtype).sum()
+                                              float(label_smoothing), reduction, grad_mask, chunk, which)
     return loss.to(hidden.dtype)
 
 
