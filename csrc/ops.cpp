@@ -49,6 +49,26 @@ TORCH_LIBRARY(llmfast, m) {
         "-> (Tensor out, Tensor summed, Tensor rstd)");
   m.def("rms_norm_bwd(Tensor grad_out, Tensor? grad_summed, Tensor x, Tensor? weight, Tensor rstd, "
         "bool weight_grad) -> (Tensor, Tensor)");
+  // Cross-entropy with class-index targets, one row per token (torch's definition,
+  // label smoothing included; the reduction over rows is done by the caller).
+  // logits: [N, C] contiguous, fp32/fp16/bf16 (fp64 on CPU); target: [N] int64, each
+  // in [0, C) or == ignore_index (anything else raises); weight: None or [C] in the
+  // accumulation dtype (fp32; fp64 for fp64 logits). Returns (loss [N], lse [N, 2]), both
+  // in the accumulation dtype: loss_i = (1-eps) w_t (lse_i - x_it) + eps/C Σ_c w_c
+  // (lse_i - x_ic) with eps = label_smoothing; lse_i = lse[i, 0] + lse[i, 1] (hi = the
+  // rounded log-sum-exp, lo = its rounding error, which the backward needs to keep
+  // exp(x - lse) accurate at |x| ~ 1e4). loss and lse are 0 on ignored rows.
+  m.def("cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+        "float label_smoothing) -> (Tensor, Tensor)");
+  // grad_logits [N, C] (logits dtype) = grad_loss[i] * dloss_i/dlogits[i], recomputing
+  // the probabilities from (logits, lse [N, 2]) in one pass; grad_loss: [N] accumulation dtype.
+  m.def("cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+        "int ignore_index, float label_smoothing) -> Tensor");
+  // cross_entropy_fwd that also overwrites logits with d(Σ_i loss_i)/dlogits: the loss
+  // half of the fused linear + cross-entropy, where a chunk's logits buffer is reused
+  // for its gradient. CUDA/Triton do not check targets here (the caller does, once).
+  m.def("cross_entropy_fwd_grad(Tensor(a!) logits, Tensor target, Tensor? weight, int ignore_index, "
+        "float label_smoothing) -> (Tensor, Tensor)");
 }
 
 // A Python module with no functions: importing it loads the library above and the

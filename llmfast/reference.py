@@ -142,3 +142,27 @@ def attention(q, k, v, mask=None, *, scale=None, is_causal=False, dropout_p=0.0,
             p = p.masked_fill(~keep, 0.0) * (1.0 / (1.0 - dropout_p))
     out = p @ v
     return out, lse.detach().float()
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """:func:`torch.nn.functional.cross_entropy`: llmfast's semantics are torch's.
+
+    ``weight`` may be of any float dtype (it is cast to the input's, which torch requires).
+    """
+    if weight is not None:
+        weight = weight.to(input.dtype)
+    return torch.nn.functional.cross_entropy(input, target, weight=weight, ignore_index=ignore_index,
+                                             reduction=reduction, label_smoothing=label_smoothing)
+
+
+def fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean",
+                               label_smoothing=0.0, class_weight=None):
+    """``cross_entropy(hidden @ weight.T + bias, target)`` with the vocabulary last.
+
+    hidden: [..., H]; weight: [V, H]; bias: [V]; target: [...]. The logits [..., V] exist
+    in full here: this is the unfused definition.
+    """
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), class_weight, ignore_index,
+                         reduction, label_smoothing)
+    return loss.reshape(target.shape) if reduction == "none" else loss

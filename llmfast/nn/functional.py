@@ -14,9 +14,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from llmfast import ops
+from llmfast import backends, ops, reference
+from llmfast.ops.cross_entropy import REDUCTIONS, acc_dtype
 
-__all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "scaled_dot_product_attention", "flash_attention"]
+__all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "scaled_dot_product_attention", "flash_attention",
+           "cross_entropy", "fused_linear_cross_entropy", "perplexity"]
 
 
 def _check_float(name: str, arg: str, t: Tensor):
@@ -357,3 +359,175 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
                              is_causal=bool(causal), dropout_p=float(dropout_p), seed=seed)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+# cross-entropy
+
+
+def _check_reduction(size_average, reduce, reduction) -> str:
+    if size_average is not None or reduce is not None:  # the legacy arguments win, as in torch (with its warning)
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    return reduction
+
+
+def _check_smoothing(name, label_smoothing):
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"{name}(): label_smoothing must be a float, not {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+
+
+def _check_target(name, target: Tensor, device):
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{name}(): argument 'target' must be a Tensor, not {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"{name}(): expected target dtype to be Long or Byte (class indices), or floating point "
+                           f"(class probabilities), but got {target.dtype}")
+    if target.device != device:
+        raise ValueError(f"{name}(): target is on {target.device} but input is on {device}")
+
+
+def _check_class_weight(name, weight, C, device):
+    if weight is None:
+        return
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise TypeError(f"{name}(): weight must be a floating point Tensor, got "
+                        f"{weight.dtype if isinstance(weight, Tensor) else type(weight).__name__}")
+    if weight.dim() != 1 or weight.shape[0] != C:
+        raise RuntimeError(f"weight tensor should be defined either for all {C} classes or no classes but got "
+                           f"weight tensor of shape: {list(weight.shape)}")
+    if weight.requires_grad:  # as torch: nll_loss has no derivative for its weight
+        raise RuntimeError(f"{name}(): class weights cannot require grad (the loss is not differentiable with "
+                           "respect to them, as in torch)")
+    if weight.device != device:
+        raise ValueError(f"{name}(): weight is on {weight.device} but input is on {device}")
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
+                  ignore_index: int = -100, reduce=None, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> Tensor:
+    r"""Cross-entropy between logits and targets, like :func:`torch.nn.functional.cross_entropy`.
+
+    Class-index targets run the fused kernels: input [N, C], [C] or [N, C, d1, ...]
+    (classes on dim 1) with target [N], [] or [N, d1, ...] (int64 or uint8); every
+    ``reduction``; per-class ``weight``; ``ignore_index`` ('mean' over only ignored
+    targets is NaN, as in torch); ``label_smoothing`` as torch defines it (with
+    ``weight``, each class's smoothing term is weighted by its own weight). One pass per
+    row with an online log-sum-exp; the gradient is recomputed in one pass without a
+    softmax tensor. Math in fp32 for fp16/bf16 input; the loss has the input's dtype.
+
+    Probability (floating point) targets run torch's implementation. A target outside
+    ``[0, C)`` that is not ``ignore_index`` raises ``IndexError``.
+    """
+    name = "cross_entropy"
+    _check_float(name, "input", input)
+    reduction = _check_reduction(size_average, reduce, reduction)
+    _check_smoothing(name, label_smoothing)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"{name}(): ignore_index must be an int, not {type(ignore_index).__name__}")
+    if input.dim() == 0:
+        raise ValueError(f"{name}(): input must have a class dimension, got a 0-dim tensor")
+    C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    _check_class_weight(name, weight, C, input.device)
+    if isinstance(target, Tensor) and target.is_floating_point():  # class probabilities: torch's implementation
+        return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    _check_target(name, target, input.device)
+    if input.dim() == 1:
+        if target.dim() != 0:
+            raise ValueError(f"{name}(): for a 1-D input of {C} classes the target must be a 0-dim class index, got "
+                             f"shape {tuple(target.shape)}")
+    else:
+        if target.dim() == 0 or target.shape[0] != input.shape[0]:
+            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                             f"({target.shape[0] if target.dim() else 'a 0-dim target'}).")
+        expected = (input.shape[0],) + tuple(input.shape[2:])
+        if tuple(target.shape) != expected:
+            raise ValueError(f"{name}(): expected target of shape {expected} for input of shape "
+                             f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    which = backends.resolve("cross_entropy", input)
+    if which == "torch":
+        return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    # canonical [N, C] rows: a view for [N, C]; [N, C, d...] moves the classes last (a copy)
+    x = input.unsqueeze(0) if input.dim() == 1 else input.movedim(1, -1)
+    x = x.reshape(-1, C).contiguous()
+    t = target.reshape(-1).to(torch.int64).contiguous()
+    w = None if weight is None else weight.to(acc_dtype(input.dtype)).contiguous()
+    out = ops.cross_entropy(x, t, w, ignore_index, reduction, float(label_smoothing), which)
+    return out.reshape(target.shape) if reduction == "none" else out
+
+
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
+                               ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                               chunk_size: Optional[int] = None, *, class_weight: Optional[Tensor] = None) -> Tensor:
+    r"""``cross_entropy(hidden @ weight.T + bias, target)`` without ever holding the logits.
+
+    Args:
+        hidden: [..., H] final hidden states (floating point).
+        weight: [V, H] the LM head (``nn.Linear(H, V).weight``), hidden's dtype.
+        target: [...] class indices (int64/uint8) matching hidden's leading dims.
+        bias: optional [V].
+        ignore_index, reduction, label_smoothing: as :func:`cross_entropy`.
+        chunk_size: tokens per chunk (default: chunk logits about the size of ``hidden``,
+            at least 256 rows). Peak extra memory is one [chunk_size, V] logits buffer
+            plus the parameter-sized gradients, never [N, V].
+        class_weight (keyword): optional per-class weights [V] (``cross_entropy``'s ``weight``).
+
+    Gradients flow to ``hidden``, ``weight`` and ``bias``. With 'mean'/'sum' they are
+    computed chunk by chunk during the forward (no second projection in backward); with
+    'none' the backward recomputes each chunk's logits.
+    """
+    name = "fused_linear_cross_entropy"
+    _check_float(name, "hidden", hidden)
+    _check_float(name, "weight", weight)
+    reduction = _check_reduction(None, None, reduction)
+    _check_smoothing(name, label_smoothing)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"{name}(): ignore_index must be an int, not {type(ignore_index).__name__}")
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{name}(): expected hidden [..., H] and weight [V, H], got hidden {tuple(hidden.shape)} "
+                         f"and weight {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise TypeError(f"{name}(): weight ({weight.dtype}, {weight.device}) must match hidden ({hidden.dtype}, "
+                        f"{hidden.device})")
+    V, H = weight.shape
+    if bias is not None:
+        _check_float(name, "bias", bias)
+        if bias.shape != (V,) or bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise ValueError(f"{name}(): bias must be [{V}] of hidden's dtype and device, got {tuple(bias.shape)} "
+                             f"{bias.dtype} on {bias.device}")
+    _check_target(name, target, hidden.device)
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{name}(): target of shape {tuple(target.shape)} does not match hidden's leading dims "
+                         f"{tuple(hidden.shape[:-1])}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"{name}(): chunk_size must be a positive int or None, got {chunk_size!r}")
+    _check_class_weight(name, class_weight, V, hidden.device)
+    which = backends.resolve("fused_linear_cross_entropy", hidden)
+    if which == "torch":
+        return reference.fused_linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction,
+                                                    label_smoothing, class_weight)
+    h = hidden.reshape(-1, H).contiguous()
+    t = target.reshape(-1).to(torch.int64).contiguous()
+    cw = None if class_weight is None else class_weight.to(acc_dtype(hidden.dtype)).contiguous()
+    out = ops.fused_linear_cross_entropy(h, weight.contiguous(), t, None if bias is None else bias.contiguous(), cw,
+                                         ignore_index, reduction, float(label_smoothing), chunk_size, which)
+    return out.reshape(target.shape) if reduction == "none" else out
+
+
+def perplexity(input: Tensor, target: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
+    r"""Perplexity: ``exp`` of the mean token cross-entropy, padding excluded.
+
+    ``perplexity(logits, target)``: logits [..., V] with the vocabulary *last* (a language
+    model's output) against target [...]; tokens equal to ``ignore_index`` do not count.
+    ``perplexity(mean_loss)``: the exponential of an already averaged token loss.
+    Returns a 0-dim float32 tensor (NaN when every token is ignored).
+    """
+    if target is None:
+        return input.detach().float().exp()
+    if input.dim() < 1:
+        raise ValueError("perplexity(): logits must have a vocabulary dimension")
+    V = input.shape[-1]
+    loss = cross_entropy(input.reshape(-1, V), target.reshape(-1), ignore_index=ignore_index, reduction="mean")
+    return loss.float().exp()

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from llmfast.nn import functional as F
 
-__all__ = ["Softmax", "LogSoftmax", "LayerNorm", "RMSNorm", "MultiheadAttention"]
+__all__ = ["Softmax", "LogSoftmax", "LayerNorm", "RMSNorm", "MultiheadAttention", "CrossEntropyLoss"]
 
 
 class Softmax(torch.nn.Softmax):
@@ -146,3 +146,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                                              attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
         out = out.transpose(1, 2).reshape(N, L, E)  # [N, H, L, hd] -> [N, L, E]
         return torch.nn.functional.linear(out, self.out_proj.weight, self.out_proj.bias)
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """:class:`torch.nn.CrossEntropyLoss` running llmfast's fused cross-entropy.
+
+    Same constructor, ``weight`` buffer and ``state_dict`` as torch's.
+    """
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                               reduction=self.reduction, label_smoothing=self.label_smoothing)
