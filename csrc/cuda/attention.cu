@@ -1086,9 +1086,11 @@ Shapes check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
   check_last_dim(q, "q");
   check_last_dim(k, "k");
   check_last_dim(v, "v");
+  // Grids: (B*H, ceil(L/BM)) and (B*Hkv, ceil(S/BN)) with BM, BN >= 32 (gridDim.y <= 65535), and
+  // ceil(B*H*L / 4) blocks for the delta pass.
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(s.L <= 65535LL * 16 && s.S < kIntMax && s.B * s.H <= kIntMax && s.B * s.Hkv <= kIntMax,
-              "llmfast attention (cuda): sizes exceed the kernel's grid limits: ", q.sizes(), ", ", k.sizes());
+  TORCH_CHECK(s.L <= 65535LL * 32 && s.S <= 65535LL * 32 && s.B * s.H <= kIntMax && s.B * s.H * s.L / 4 < kIntMax,
+              "llmfast attention (cuda): sizes exceed the kernels' grid limits: q ", q.sizes(), ", k ", k.sizes());
   return s;
 }
 
