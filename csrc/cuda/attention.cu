@@ -442,7 +442,8 @@ struct BwdQCfg {
   static constexpr bool kSimt = std::is_same_v<T, float>;
   static constexpr int NW = (kSimt && HD >= 256) ? 2 : 4, NT = NW * 32;
   static constexpr int BM = 16 * NW;
-  static constexpr int BN = (HD >= 256 || (kSimt && HD >= 128)) ? 32 : 64;
+  // S, dP (BN/2 fp32 each) and dQ (HD/2) are all live at once: BN = 64 spills at HD = 128.
+  static constexpr int BN = HD >= 128 ? 32 : 64;
   static constexpr int PAD = 16 / static_cast<int>(sizeof(T));
   static constexpr int LD = HD + PAD;  // sQ, sdO, sK, sV
   static constexpr int LDP = BN + 4;   // SIMT dS scratch
@@ -981,16 +982,45 @@ inline void set_dropout(AttnParams& p, double dropout_p, uint64_t seed) {
 // PyTorch binding: TORCH_LIBRARY_IMPL(llmfast, CUDA) for the schemas in csrc/ops.cpp.
 // ==========================================================================================
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+#ifndef LLMFAST_EMU
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#endif
 
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
+
+// The device-specific parts of the binding. Under LLMFAST_EMU (dev only: csrc/dev/attention_emu_ext.cpp)
+// the same binding is compiled for CPU tensors and runs the kernels through the CPU emulator,
+// so that the argument checks, stride handling and tests/test_attention_cuda.py itself can be
+// exercised without a GPU.
+namespace llmfast::attn {
+#ifndef LLMFAST_EMU
+#define LLMFAST_ATTN_DISPATCH_KEY CUDA
+using DeviceGuard = c10::cuda::CUDAGuard;
+inline bool on_device(const at::Tensor& t) { return t.is_cuda(); }
+inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
+inline int smem_optin() { return static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin); }
+inline void check_launch(cudaError_t attr_err) {
+  C10_CUDA_CHECK(attr_err);  // cudaFuncSetAttribute
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#else
+#define LLMFAST_ATTN_DISPATCH_KEY CPU
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+inline bool on_device(const at::Tensor& t) { return t.is_cpu(); }
+inline cudaStream_t current_stream() { return nullptr; }
+inline int smem_optin() { return 227 * 1024; }
+inline void check_launch(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "emulated launch failed"); }
+#endif
+}  // namespace llmfast::attn
 
 namespace llmfast::attn {
 namespace {
@@ -1009,6 +1039,7 @@ DType dtype_of(const Tensor& t) {
       TORCH_CHECK(false, "llmfast attention (cuda): q, k, v must be float16, bfloat16 or float32, got ",
                   t.scalar_type());
   }
+  return DType::kFloat;  // unreachable
 }
 
 // cp.async copies 16 B chunks: legal when the base and every row start are 16 B-aligned.
@@ -1030,7 +1061,7 @@ struct Shapes {
 };
 
 Shapes check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
-  TORCH_CHECK(q.is_cuda(), "llmfast attention (cuda): q must be a CUDA tensor");
+  TORCH_CHECK(on_device(q), "llmfast attention (cuda): q must be a CUDA tensor, got ", q.device());
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
               "llmfast attention (cuda): q, k, v must be on the same device, got ", q.device(), ", ", k.device(),
               ", ", v.device());
@@ -1055,9 +1086,11 @@ Shapes check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
   check_last_dim(q, "q");
   check_last_dim(k, "k");
   check_last_dim(v, "v");
+  // Grids: (B*H, ceil(L/BM)) and (B*Hkv, ceil(S/BN)) with BM, BN >= 32 (gridDim.y <= 65535), and
+  // ceil(B*H*L / 4) blocks for the delta pass.
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(s.L <= 65535LL * 16 && s.S < kIntMax && s.B * s.H <= kIntMax && s.B * s.Hkv <= kIntMax,
-              "llmfast attention (cuda): sizes exceed the kernel's grid limits: ", q.sizes(), ", ", k.sizes());
+  TORCH_CHECK(s.L <= 65535LL * 32 && s.S <= 65535LL * 32 && s.B * s.H <= kIntMax && s.B * s.H * s.L / 4 < kIntMax,
+              "llmfast attention (cuda): sizes exceed the kernels' grid limits: q ", q.sizes(), ", k ", k.sizes());
   return s;
 }
 
@@ -1097,7 +1130,7 @@ std::optional<Tensor> set_mask(AttnParams& p, const std::optional<Tensor>& mask,
 }
 
 void check_smem(int needed) {
-  const int optin = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  const int optin = smem_optin();
   TORCH_CHECK(needed <= optin, "llmfast attention (cuda): this head dim needs ", needed,
               " bytes of shared memory per block; the device allows ", optin,
               " (use the triton or torch backend on this GPU)");
@@ -1113,7 +1146,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cuda(const Tensor& q, const Tensor& k, 
                                               double dropout_p, int64_t seed) {
   const Shapes s = check_qkv(q, k, v);
   check_dropout(dropout_p);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   Tensor out = at::empty({s.B, s.H, s.L, s.Dv}, q.options());
   Tensor lse = at::empty({s.B, s.H, s.L}, q.options().dtype(at::kFloat));
   if (s.B * s.H * s.L == 0) return {out, lse};
@@ -1128,8 +1161,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cuda(const Tensor& q, const Tensor& k, 
   p.aligned = rows_aligned(q) && rows_aligned(k) && rows_aligned(v);
   const DType dt = dtype_of(q);
   check_smem(attention_fwd_smem(dt, p.D, p.Dv));
-  C10_CUDA_CHECK(attention_fwd_launch(p, dt, at::cuda::getCurrentCUDAStream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch(attention_fwd_launch(p, dt, current_stream()));
   return {out, lse};
 }
 
@@ -1150,7 +1182,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out, co
               "llmfast attention (cuda): lse must be float32 [B, H, L], got ", lse.scalar_type(), " ", lse.sizes());
   TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
               "llmfast attention (cuda): grad_out, out and lse must be on ", q.device());
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   // Autograd may hand over an expanded or transposed gradient (e.g. from .sum()): the kernels
   // need a contiguous last dim, so copy only in that case.
   const Tensor dO = (grad_out.size(-1) <= 1 || grad_out.stride(-1) == 1) ? grad_out : grad_out.contiguous();
@@ -1188,20 +1220,17 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out, co
   p.aligned = rows_aligned(q) && rows_aligned(k) && rows_aligned(v) && rows_aligned(dO);
   const DType dt = dtype_of(q);
   check_smem(attention_bwd_smem(dt, p.D, p.Dv));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(attention_bwd_delta_launch(p, dt, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  C10_CUDA_CHECK(attention_bwd_dkdv_launch(p, dt, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  C10_CUDA_CHECK(attention_bwd_dq_launch(p, dt, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const cudaStream_t stream = current_stream();
+  check_launch(attention_bwd_delta_launch(p, dt, stream));
+  check_launch(attention_bwd_dkdv_launch(p, dt, stream));
+  check_launch(attention_bwd_dq_launch(p, dt, stream));
   return {dq, dk, dv};
 }
 
 }  // namespace
 }  // namespace llmfast::attn
 
-TORCH_LIBRARY_IMPL(llmfast, CUDA, m) {
+TORCH_LIBRARY_IMPL(llmfast, LLMFAST_ATTN_DISPATCH_KEY, m) {
   m.impl("attention_fwd", &llmfast::attn::attention_fwd_cuda);
   m.impl("attention_bwd", &llmfast::attn::attention_bwd_cuda);
 }
