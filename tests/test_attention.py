@@ -279,6 +279,7 @@ def _mha_pair(batch_first, **kw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
 @pytest.mark.parametrize("variant", ["self", "cross", "kpm", "bool_mask", "float_mask", "causal", "kpm+causal",
                                      "bias_kv", "zero_attn", "kdim", "unbatched"])
 def test_multihead_attention_matches_torch(backend, batch_first, variant):

@@ -13,11 +13,12 @@
 // through one register-blocked micro-kernel, C[M, N] (+)= A[M, K]·B[K, N], which
 // broadcasts A elements (so A may be read transposed for free) and streams B rows
 // with full-width vector loads. Tiles are arranged so that B is always row-major:
-//   forward   S = Q·Kᵀ     (B = kᵀ, packed once per kv block as [D, BN])
-//             O += P·V     (B = v rows)
+//   forward   S = (Q·scale)·Kᵀ  (A = the task's q tile, packed as fp32 × scale;
+//                                 B = kᵀ, packed once per kv block as [D, BN])
+//             O += P·V          (B = v rows)
 //   backward  S = Q·Kᵀ, dP = dO·Vᵀ (B = packed kᵀ, vᵀ), dS = P∘(dP − Δ),
 //             dV += Pᵀ·dO, dK += dSᵀ·Q (A read transposed), dQ += dS·K
-// with Q pre-multiplied by the softmax scale (so S, and dK, come out scaled).
+// with Q pre-multiplied by the softmax scale once (so S, and dK, come out scaled).
 //
 // Dropout (dropout_p > 0) is fused: element (b, h, i, j) is kept iff word 0 of
 // Philox4x32-10 with counter (j, i, b·H + h, 0) and key (seed lo, seed hi) is
@@ -288,21 +289,36 @@ inline int64_t zigzag(int64_t t, int64_t n) { return (t & 1) ? n - 1 - t / 2 : t
 // Forward
 
 template <typename scalar_t>
-void fwd_impl(const Problem& P, const View& q, const Tensor& kT, const View& v, Tensor& out, Tensor& lse) {
+void fwd_impl(const Problem& P, const Tensor& q, const Tensor& kT, const View& v, Tensor& out, Tensor& lse) {
   const int64_t B = P.B, H = P.H, L = P.L, S = P.S, D = P.D, Dv = P.Dv;
   const int64_t nmt = (L + BM - 1) / BM, nblk = (S + BN - 1) / BN;
   const float* ktp = kT.const_data_ptr<float>();
   scalar_t* outp = out.mutable_data_ptr<scalar_t>();
   float* lsep = lse.mutable_data_ptr<float>();
+  const scalar_t* qptr = q.const_data_ptr<scalar_t>();
+  const int64_t sqb = q.stride(0), sqh = q.stride(1), sql = q.stride(2);
   constexpr bool direct = std::is_same_v<scalar_t, float>;  // accumulate straight into out
 
   at::parallel_for(0, B * H * nmt, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sbuf(BM * BN), obuf(direct ? 0 : BM * Dv), mrow(BM), lrow(BM), zdrop(P.drop.on ? BN : 0);
+    std::vector<float> qbuf(BM * D), sbuf(BM * BN), obuf(direct ? 0 : BM * Dv), mrow(BM), lrow(BM), zdrop(P.drop.on ? BN : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / nmt, mt = P.causal ? zigzag(t % nmt, nmt) : t % nmt;
       const int64_t b = bh / H, h = bh % H, hk = h / P.G;
       const int64_t i0 = mt * BM, mb = std::min(BM, L - i0);
-      const float* qp = q.at(b, h, i0);
+      // q tile [mb, D] as fp32 times the softmax scale: the score GEMM then yields scaled
+      // scores, and the A panel is contiguous whatever q's strides (packed QKV views)
+      for (int64_t r = 0; r < mb; ++r) {
+        const scalar_t* src = qptr + b * sqb + h * sqh + (i0 + r) * sql;
+        float* dst = qbuf.data() + r * D;
+        if constexpr (direct) {
+          std::copy(src, src + D, dst);
+        } else {
+          at::vec::convert(src, dst, D);
+        }
+        const float sc = P.scale;
+        at::vec::map([sc](Vec x) { return x * Vec(sc); }, dst, dst, D);
+      }
+      const float* qp = qbuf.data();
       float* O;
       if constexpr (direct) {
         O = outp + (bh * L + i0) * Dv;
@@ -318,7 +334,7 @@ void fwd_impl(const Problem& P, const View& q, const Tensor& kT, const View& v, 
         const int64_t nb = std::min(BN, s_end - j0);
         const float* ktb = ktp + ((b * P.Hkv + hk) * nblk + j0 / BN) * D * BN;
         float* Sb = sbuf.data();
-        gemm<false>(mb, nb, D, qp, q.sn, ktb, BN, Sb, BN);  // S = Q Kᵀ: [mb, nb]
+        gemm<false>(mb, nb, D, qp, D, ktb, BN, Sb, BN);  // S = Q Kᵀ·scale: [mb, nb]
         for (int64_t r = 0; r < mb; ++r) {
           const int64_t i = i0 + r;
           float* z = Sb + r * BN;
@@ -441,9 +457,9 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, who, ": float64 runs on the torch backend");
     } else {
-      const Tensor qs = scaled_f32(q, scale), v32 = as_f32(v);
+      const Tensor v32 = as_f32(v);
       const Tensor kT = pack_transposed<scalar_t>(k, BN);
-      fwd_impl<scalar_t>(P, view_of(qs), kT, view_of(v32), out, lse);
+      fwd_impl<scalar_t>(P, q, kT, view_of(v32), out, lse);
     }
   });
   return {out, lse};
