@@ -433,6 +433,8 @@ def _common(q, k, v, mask, dropout_p, seed):
 
     B, H, L, D = q.shape
     Hkv, S, DV = k.shape[1], k.shape[2], v.shape[3]
+    if B * H > 65535:  # b·H + h runs on grid axis 1 (CUDA caps it at 65535)
+        raise ValueError(f"llmfast triton attention: batch x heads = {B * H} exceeds 65535; split the batch")
     if mask is None:
         kind, m_arg, mstr = 0, q, (0, 0, 0, 0)
     else:
