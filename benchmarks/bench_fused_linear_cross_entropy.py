@@ -36,8 +36,9 @@ def cases(quick, device, dtypes):
 
 
 def providers(case, device):
-    # torch.compile of the unfused expression on CPU mostly times the compiler here
-    return ["torch_compile"] if torch.device(device).type == "cuda" else []
+    # torch.compile of the unfused expression still materialises the logits (the matmul
+    # is an extern kernel) and on CPU mostly times the compiler: not a contender here.
+    return []
 
 
 def work(case):
