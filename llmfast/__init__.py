@@ -6,6 +6,7 @@ from llmfast.backends import BackendUnavailableError, available, backend
 # when it is built; a Triton- or torch-only install imports without it).
 from llmfast import ops  # noqa: E402
 from llmfast import nn  # noqa: E402
+from llmfast.patch import PatchHandle, patch  # noqa: E402  (binds llmfast.patch to the function)
 
 __version__ = "0.1.0"
-__all__ = ["backend", "available", "backends", "BackendUnavailableError", "nn", "ops", "__version__"]
+__all__ = ["backend", "available", "backends", "BackendUnavailableError", "nn", "ops", "patch", "PatchHandle", "__version__"]
