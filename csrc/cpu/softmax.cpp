@@ -67,6 +67,10 @@ void softmax_fwd_rows(const Tensor& x, Tensor& y, double scale_d, const MaskView
         std::fill(yr, yr + N, scalar_t(0));
         continue;
       }
+      if (std::isnan(mx) || mx == -ninf) {  // torch: inf - inf poisons the whole row
+        std::fill(yr, yr + N, std::numeric_limits<scalar_t>::quiet_NaN());
+        continue;
+      }
       // exp(z - max), summed; the probabilities are kept only for softmax.
       Vec vsum(acc_t(0)), vmax(mx);
       int64_t j = 0;

@@ -110,9 +110,9 @@ def _canonical(x: Tensor, mask: Optional[Tensor]):
         mask = mask.contiguous()
         groups = _merge_lead(lead, mask.stride()[:len(lead)])
     groups = [(1, 0)] * (2 - len(groups)) + groups
-    (A, sa), (B, sb) = groups
-    m4 = mask.as_strided((A, B, L, N), (sa, sb, mask.stride(-2), mask.stride(-1)), mask.storage_offset())
-    return x.reshape(A, B, L, N), m4
+    (A, _), (B, _) = groups
+    # the merged dims have compatible strides, so this reshape is a view (no copy)
+    return x.reshape(A, B, L, N), mask.reshape(A, B, L, N)
 
 
 def softmax(x: Tensor, dim: int, *, scale: Optional[float] = None, mask: Optional[Tensor] = None,

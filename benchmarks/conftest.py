@@ -1,0 +1,1 @@
+"""`pytest benchmarks/` runs every case of every bench_<op>.py through pytest-benchmark."""
