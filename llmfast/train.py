@@ -314,6 +314,8 @@ def cmd_train(args) -> int:
     if args.compare:
         return _compare(args, model_cfg, h, device)
 
+    if ckpt and args.data is None:  # a resumed run reads the corpus it was trained on
+        args.data, args.corpus_mb = ckpt.get("data"), ckpt.get("corpus_mb", args.corpus_mb)
     corpus, where = load_corpus(args.data, int(args.corpus_mb * 2**20), h["seed"])
     data = ByteData(corpus, model_cfg["block_size"], h["val_fraction"], h["seed"])
     if ckpt and ckpt.get("corpus") != data.digest:
@@ -354,7 +356,9 @@ def cmd_train(args) -> int:
     def checkpoint(step):
         save_checkpoint(ckpt_path, dict(format=FORMAT, model=model.state_dict(), optimizer=opt.state_dict(),
                                         config=model.config.to_dict(), train=h, step=step, tokens=tokens,
-                                        curve=curve, rng=torch.get_rng_state(), corpus=data.digest))
+                                        curve=curve, rng=torch.get_rng_state(), corpus=data.digest,
+                                        data=[str(Path(p).resolve()) for p in args.data] if args.data else None,
+                                        corpus_mb=args.corpus_mb))
 
     try:
         from tqdm import tqdm
@@ -507,6 +511,7 @@ def add_parser(subparsers) -> None:
     d.add_argument("--data", action="append", metavar="PATH",
                    help="text file or folder (repeatable); default: the Python standard library's .py sources")
     d.add_argument("--corpus-mb", type=float, default=DEFAULT_CORPUS_MB, help="read at most this many MB")
+    # (a resumed run reuses the checkpoint's --data and --corpus-mb unless --data is given)
     d.add_argument("--val-fraction", type=float, help=f"held-out share of the bytes "
                                                       f"(default {TRAIN_DEFAULTS['val_fraction']})")
     m = t.add_argument_group("model (fixed by the checkpoint when resuming)")
