@@ -331,3 +331,8 @@ def _config_tree(config) -> list:
         out.append(c)
         todo += [getattr(c, k, None) for k in getattr(c, "sub_configs", {})]
     return out
+
+
+# `llmfast.patch` is this function once llmfast is imported; let the table be read from it too.
+patch.RULES = RULES
+patch.OPS = OPS
