@@ -431,6 +431,10 @@ def _compare(args, model_cfg, h, device) -> int:
     tok_per_step = h["batch_size"] * model_cfg["block_size"]
     print(f"llmfast train --compare: {where}; GPT {model_cfg}; batch {h['batch_size']} x {model_cfg['block_size']}; "
           f"{steps} timed steps per backend{'; torch.compile' if args.compile else ''}")
+    # peak_memory_mb makes glibc return freed blocks to the OS at once (mallopt) on its first
+    # call; a heap grown before that keeps freed pages resident, and later steps reuse them
+    # without raising the high-water mark. Set that up before any step runs.
+    peak_memory_mb(lambda: None, device.type)
     rows = []
     for name in names:
         torch.manual_seed(h["seed"])
