@@ -207,9 +207,11 @@ def _make_optimizer(model, h: dict):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=h["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
+    # fused: one kernel per parameter group instead of ~10 elementwise ops per parameter
+    # (on CPU torch otherwise loops over parameters one by one).
     if h["optimizer"] == "adamw":
-        return torch.optim.AdamW(groups, lr=h["lr"], betas=(0.9, 0.95))
-    return torch.optim.SGD(groups, lr=h["lr"], momentum=h["momentum"])
+        return torch.optim.AdamW(groups, lr=h["lr"], betas=(0.9, 0.95), fused=True)
+    return torch.optim.SGD(groups, lr=h["lr"], momentum=h["momentum"], fused=True)
 
 
 def _autocast(device, name):
