@@ -202,8 +202,8 @@ def _lr_at(step: int, h: dict) -> float:
 
 
 def _make_optimizer(model, h: dict):
-    # Decay matrices only: biases, norm weights (and embeddings' rows, which are tied to
-    # the LM head) follow GPT-2 practice only for dims >= 2.
+    # Weight decay on matrices only (linear weights, the tied embedding), not on biases and
+    # norm weights: decaying a norm's gain towards 0 just fights the norm.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=h["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
