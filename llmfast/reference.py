@@ -33,3 +33,136 @@ def softmax(x, dim=-1, *, scale=None, mask=None, is_causal=False, log=False):
             out = out.masked_fill(dead, float("-inf"))
         out = out.masked_fill(dead.all(dim, keepdim=True), 0.0)
     return out
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None):
+    """``torch.nn.functional.layer_norm``; with ``residual``, of ``s = x + residual``
+    (in x's dtype), returning ``(out, s)``."""
+    s = x if residual is None else x + residual
+    out = torch.nn.functional.layer_norm(s, list(normalized_shape), weight, bias, eps)
+    return out if residual is None else (out, s)
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, residual=None):
+    """``torch.nn.functional.rms_norm``; with ``residual``, of ``s = x + residual``
+    (in x's dtype), returning ``(out, s)``. ``eps=None`` is ``torch.finfo(x.dtype).eps``."""
+    s = x if residual is None else x + residual
+    out = torch.nn.functional.rms_norm(s, list(normalized_shape), weight, eps)
+    return out if residual is None else (out, s)
+
+
+# ----------------------------------------------------------------------------------
+# Attention
+
+# Philox4x32-10 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3").
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo32(m: int, x: torch.Tensor):
+    """(hi, lo) 32-bit halves of m * x for uint32 values held in int64 tensors.
+
+    The 64-bit product overflows int64, so x is split in 16-bit halves: every
+    partial product stays below 2^49.
+    """
+    xh, xl = x >> 16, x & 0xFFFF
+    ph, pl = m * xh, m * xl
+    lo = (((ph & 0xFFFF) << 16) + pl) & _U32
+    hi = (ph + (pl >> 16)) >> 16
+    return hi, lo
+
+
+def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = 10):
+    """Philox4x32 on int64 tensors holding uint32 counters; returns the 4 output words."""
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo32(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W0) & _U32, (k1 + PHILOX_W1) & _U32
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(p: float) -> int:
+    """Drop an element iff its uint32 draw is below floor(p * 2^32) (p < 1)."""
+    return min(int(p * 4294967296.0), _U32)
+
+
+def dropout_keep(seed: int, p: float, B: int, H: int, L: int, S: int, device) -> torch.Tensor:
+    """[B, H, L, S] bool keep-mask of attention dropout, identical on every backend.
+
+    Element (b, h, i, j) draws word 0 of Philox4x32-10 with counter
+    (j, i, b*H + h, 0) and key (seed & 0xffffffff, seed >> 32 & 0xffffffff), and is
+    kept iff that uint32 is >= floor(p * 2^32). A counter-based RNG lets the
+    backward pass regenerate the forward's mask from (seed, index) alone.
+    """
+    j = torch.arange(S, device=device, dtype=torch.int64).view(1, 1, 1, S)
+    i = torch.arange(L, device=device, dtype=torch.int64).view(1, 1, L, 1)
+    bh = torch.arange(B * H, device=device, dtype=torch.int64).view(B, H, 1, 1)
+    shape = (B, H, L, S)
+    c0, c1, c2 = j.expand(shape), i.expand(shape), bh.expand(shape)
+    c3 = torch.zeros((), device=device, dtype=torch.int64).expand(shape)
+    r, _, _, _ = philox4x32(c0, c1, c2, c3, seed & _U32, (seed >> 32) & _U32)
+    return r >= dropout_threshold(p)
+
+
+def attention(q, k, v, mask=None, *, scale=None, is_causal=False, dropout_p=0.0, seed=0):
+    """softmax(q kᵀ·scale + mask) v, and the log-sum-exp of each row.
+
+    q: [B, H, L, D], k: [B, Hkv, S, D], v: [B, Hkv, S, Dv] with H % Hkv == 0 (query
+    head h reads key/value head h // (H // Hkv)). ``mask`` broadcasts to [B, H, L, S]:
+    bool (True = attend) or additive float. ``is_causal`` keeps key j <= query i
+    (top-left, ``torch.tril``). A row that sees no key gives zeros (zero gradient)
+    and lse -inf. ``dropout_p`` drops probabilities with :func:`dropout_keep`
+    (scaled by 1/(1 - p)); lse is that of the undropped softmax.
+
+    Returns ``(out [B, H, L, Dv] in q's dtype, lse [B, H, L] float32)``.
+    """
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if H != Hkv:
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    scale = D ** -0.5 if scale is None else scale
+    z = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        z = z.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else z + mask.to(z.dtype)
+    if is_causal:
+        z = z.masked_fill(~causal_keep(L, S, z.device), float("-inf"))
+    lse = torch.logsumexp(z, -1) if S > 0 else z.new_full((B, H, L), float("-inf"))
+    p = torch.softmax(z, -1)
+    dead = torch.isneginf(lse).unsqueeze(-1)
+    if S > 0 and (mask is not None or is_causal):
+        p = p.masked_fill(dead, 0.0)  # no visible key: zeros and zero gradient, not NaN
+    if dropout_p > 0:
+        if dropout_p >= 1:
+            p = p * 0.0
+        else:
+            keep = dropout_keep(seed, dropout_p, B, H, L, S, q.device)
+            p = p.masked_fill(~keep, 0.0) * (1.0 / (1.0 - dropout_p))
+    out = p @ v
+    return out, lse.detach().float()
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """:func:`torch.nn.functional.cross_entropy`: llmfast's semantics are torch's.
+
+    ``weight`` may be of any float dtype (it is cast to the input's, which torch requires).
+    """
+    if weight is not None:
+        weight = weight.to(input.dtype)
+    return torch.nn.functional.cross_entropy(input, target, weight=weight, ignore_index=ignore_index,
+                                             reduction=reduction, label_smoothing=label_smoothing)
+
+
+def fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean",
+                               label_smoothing=0.0, class_weight=None):
+    """``cross_entropy(hidden @ weight.T + bias, target)`` with the vocabulary last.
+
+    hidden: [..., H]; weight: [V, H]; bias: [V]; target: [...]. The logits [..., V] exist
+    in full here: this is the unfused definition.
+    """
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), class_weight, ignore_index,
+                         reduction, label_smoothing)
+    return loss.reshape(target.shape) if reduction == "none" else loss

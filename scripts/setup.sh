@@ -14,4 +14,4 @@ python -m pip install -q --upgrade pip >/dev/null
 python -m pip install -q -r requirements-dev.txt
 # --no-build-isolation: the extension compiles against the torch just installed.
 MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation --no-deps -e .
-python -m llmfast info | head -6
+python -m llmfast info

@@ -58,11 +58,20 @@ void softmax_fwd_rows(const Tensor& x, Tensor& y, double scale_d, const MaskView
       // Causal rows only see columns [0, l]; the rest is -inf (prob 0).
       const int64_t n = causal ? std::min<int64_t>(N, l + 1) : N;
       const acc_t* xr = load_row<scalar_t, acc_t>(xp + m * N, n, in_buf.data());
-      // z = x * scale into the output row when it is acc_t, else a scratch row.
       acc_t* z = row_buffer<scalar_t, acc_t>(yr, z_buf.data());
-      at::vec::map([scale](Vec v) { return v * Vec(scale); }, z, xr, n);
-      if (mask) apply_mask(z, n, *mask, a, b, l);
-      const acc_t mx = n > 0 ? vec_max(z, n) : ninf;
+      // With a mask, z = x*scale + mask is materialised once (the mask is read once);
+      // without one, z is recomputed from x on the fly and the max pass stores nothing.
+      const acc_t* zsrc = xr;
+      acc_t zscale = scale;
+      if (mask) {
+        at::vec::map([scale](Vec v) { return v * Vec(scale); }, z, xr, n);
+        apply_mask(z, n, *mask, a, b, l);
+        zsrc = z;
+        zscale = acc_t(1);
+      }
+      const acc_t mx = n == 0 ? ninf
+                       : at::vec::map_reduce_all<acc_t>([zscale](Vec v) { return v * Vec(zscale); },
+                                                        [](Vec p, Vec q) { return at::vec::maximum(p, q); }, zsrc, n);
       if (masked && mx == ninf) {  // no visible position: zeros, never NaN
         std::fill(yr, yr + N, scalar_t(0));
         continue;
@@ -71,26 +80,24 @@ void softmax_fwd_rows(const Tensor& x, Tensor& y, double scale_d, const MaskView
         std::fill(yr, yr + N, std::numeric_limits<scalar_t>::quiet_NaN());
         continue;
       }
-      // exp(z - max), summed; the probabilities are kept only for softmax.
-      Vec vsum(acc_t(0)), vmax(mx);
+      // exp(z - max), summed; the probabilities are stored only for softmax.
+      Vec vsum(acc_t(0)), vmax(mx), vscale(zscale);
       int64_t j = 0;
       for (; j + Vec::size() <= n; j += Vec::size()) {
-        Vec e = (Vec::loadu(z + j) - vmax).exp_u20();
+        Vec e = (Vec::loadu(zsrc + j) * vscale - vmax).exp_u20();
         if (!log) e.store(z + j);
         vsum = vsum + e;
       }
       if (j < n) {
-        Vec e = (Vec::loadu(z + j, n - j) - vmax).exp_u20();
+        // lanes past the tail load zeros and would add exp(-max): blank them
+        Vec e = Vec::set(Vec(acc_t(0)), (Vec::loadu(zsrc + j, n - j) * vscale - vmax).exp_u20(), n - j);
         if (!log) e.store(z + j, n - j);
-        // Lanes past the tail hold exp(0 - max) garbage: blank them before summing.
-        acc_t tail[Vec::size()] = {};
-        e.store(tail, n - j);
-        vsum = vsum + Vec::loadu(tail);
+        vsum = vsum + e;
       }
       const acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, vsum);
       if (log) {
         const acc_t lse = mx + std::log(sum);
-        at::vec::map([lse](Vec v) { return v - Vec(lse); }, z, z, n);
+        at::vec::map([lse, zscale](Vec v) { return v * Vec(zscale) - Vec(lse); }, z, zsrc, n);
         std::fill(z + n, z + N, ninf);
       } else {
         const acc_t inv = acc_t(1) / sum;

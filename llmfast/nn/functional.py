@@ -6,15 +6,19 @@ torch-style errors, and calls :mod:`llmfast.ops`, which picks the backend.
 """
 from __future__ import annotations
 
+import operator
+import math
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from llmfast import ops
+from llmfast import backends, ops, reference
+from llmfast.ops.cross_entropy import REDUCTIONS, acc_dtype
 
-__all__ = ["softmax", "log_softmax"]
+__all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "scaled_dot_product_attention", "flash_attention",
+           "cross_entropy", "fused_linear_cross_entropy", "perplexity"]
 
 
 def _check_float(name: str, arg: str, t: Tensor):
@@ -93,3 +97,437 @@ def log_softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3, 
     Masked positions give ``-inf`` with zero gradient; a fully masked row gives zeros.
     """
     return _softmax_common("log_softmax", input, dim, _stacklevel, dtype, scale, mask, is_causal, log=True)
+
+
+# ----------------------------------------------------------------------------------
+# LayerNorm / RMSNorm
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _normalized_shape(name: str, normalized_shape) -> tuple:
+    if not isinstance(normalized_shape, (list, tuple)):  # torch.Size is a tuple
+        raise TypeError(f"{name}(): argument 'normalized_shape' must be tuple of ints, "
+                        f"not {type(normalized_shape).__name__}")
+    out = []
+    for i, d in enumerate(normalized_shape):
+        if isinstance(d, bool) or isinstance(d, float):
+            raise TypeError(f"{name}(): argument 'normalized_shape' must be tuple of ints, but found element of "
+                            f"type {type(d).__name__} at pos {i}")
+        try:
+            out.append(operator.index(d))
+        except TypeError:
+            raise TypeError(f"{name}(): argument 'normalized_shape' must be tuple of ints, but found element of "
+                            f"type {type(d).__name__} at pos {i}") from None
+    if not out:
+        raise RuntimeError(f"{name}(): Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
+                           f"least one element, but got normalized_shape = []")
+    return tuple(out)
+
+
+def _check_norm_args(name: str, input, normalized_shape, params: dict, eps, residual) -> tuple:
+    """torch's checks for layer_norm/rms_norm, plus the residual's; returns normalized_shape as a tuple."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name}(): argument 'input' must be a Tensor, not {type(input).__name__}")
+    _check_float(name, "input", input)
+    shape = _normalized_shape(name, normalized_shape)
+    k = len(shape)
+    if input.dim() < k or tuple(input.shape[-k:]) != shape:
+        raise RuntimeError(f"{name}(): Given normalized_shape={list(shape)}, expected input with shape "
+                           f"[*, {', '.join(map(str, shape))}], but got input of size {list(input.shape)}")
+    for arg, p in params.items():
+        if p is None:
+            continue
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{name}(): argument '{arg}' must be a Tensor or None, not {type(p).__name__}")
+        if tuple(p.shape) != shape:
+            raise RuntimeError(f"{name}(): Expected {arg} to be of same shape as normalized_shape, but got {arg} of "
+                               f"shape {list(p.shape)} and normalized_shape = {list(shape)}")
+        if not p.is_floating_point():
+            raise TypeError(f"{name}(): argument '{arg}' must be a floating point tensor, got {p.dtype}")
+        if p.device != input.device:
+            raise RuntimeError(f"{name}(): {arg} is on {p.device} but input is on {input.device}")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))):
+        raise TypeError(f"{name}(): argument 'eps' must be a number, not {type(eps).__name__}")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"{name}(): argument 'residual' must be a Tensor or None, not {type(residual).__name__}")
+        if residual.shape != input.shape:
+            raise RuntimeError(f"{name}(): residual of shape {list(residual.shape)} must have the input's shape "
+                               f"{list(input.shape)}")
+        if residual.dtype != input.dtype:
+            raise TypeError(f"{name}(): residual dtype {residual.dtype} must match the input's dtype {input.dtype}")
+        if residual.device != input.device:
+            raise RuntimeError(f"{name}(): residual is on {residual.device} but input is on {input.device}")
+    return shape
+
+
+def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5, *, residual: Optional[Tensor] = None):
+    r"""Layer normalisation over the trailing ``normalized_shape`` dims, like
+    :func:`torch.nn.functional.layer_norm`, with a fused residual add.
+
+    Args:
+        input: floating point tensor ``[*, *normalized_shape]``.
+        normalized_shape: the trailing shape normalised over (a list/tuple of ints).
+        weight, bias: ``normalized_shape`` tensors in the input's dtype, or float32 for a
+            float16/bfloat16 input (as torch allows); either may be None.
+        eps: added to the variance.
+        residual (keyword): a tensor like ``input``. The kernel normalises
+            ``s = input + residual`` and returns ``(normalized, s)`` in one pass.
+
+    Statistics are fp32 for fp16/bf16 inputs; the output has the input's dtype.
+    """
+    shape = _check_norm_args("layer_norm", input, normalized_shape, {"weight": weight, "bias": bias}, eps, residual)
+    for arg, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.dtype != input.dtype and not (p.dtype == torch.float32 and input.dtype in _HALF):
+            raise RuntimeError(f"layer_norm(): mixed dtype: {arg} is {p.dtype} but input is {input.dtype}; expected "
+                               f"{input.dtype}" + (" or torch.float32" if input.dtype in _HALF else ""))
+    return ops.layer_norm(input, shape, weight, bias, float(eps), residual=residual)
+
+
+def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+             eps: Optional[float] = None, *, residual: Optional[Tensor] = None):
+    r"""Root-mean-square normalisation over the trailing ``normalized_shape`` dims, like
+    :func:`torch.nn.functional.rms_norm`, with a fused residual add.
+
+    Args:
+        input: floating point tensor ``[*, *normalized_shape]``.
+        normalized_shape: the trailing shape normalised over (a list/tuple of ints).
+        weight: a ``normalized_shape`` tensor or None. Any floating dtype, as in torch:
+            the output keeps the input's dtype (a weight in another dtype is read as
+            float32 for fp16/bf16 inputs, else in the input's dtype).
+        eps: added to the mean square; None means ``torch.finfo(input.dtype).eps``.
+        residual (keyword): a tensor like ``input``; returns ``(normalized, input + residual)``.
+    """
+    shape = _check_norm_args("rms_norm", input, normalized_shape, {"weight": weight}, eps, residual)
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    if weight is not None and weight.dtype != input.dtype:
+        # The kernels read the input's dtype or float32; the cast is differentiable, so
+        # weight.grad still arrives in the weight's own dtype.
+        target = torch.float32 if input.dtype in _HALF else input.dtype
+        if weight.dtype != target:
+            weight = weight.to(target)
+    return ops.rms_norm(input, shape, weight, float(eps), residual=residual)
+
+
+# Attention
+
+
+def _check_attention_inputs(name: str, query, key, value, scale, dropout_p):
+    for arg, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}(): argument '{arg}' must be Tensor, not {type(t).__name__}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got query.dtype: "
+                           f"{query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
+    if not query.is_floating_point():
+        raise RuntimeError(f"{name}(): query, key and value must be floating point tensors, got {query.dtype}")
+    if not (query.device == key.device == value.device):
+        raise RuntimeError(f"Expected query, key, and value to have the same device type, but got query.device: "
+                           f"{query.device} key.device: {key.device} and value.device: {value.device} instead.")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"{name}(): argument 'scale' must be float, not {type(scale).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"{name}(): argument 'dropout_p' must be float, not {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{name}(): dropout_p must be in [0, 1], got {dropout_p}")
+
+
+def _check_mask(name: str, mask, query: Tensor, shape) -> None:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name}(): argument 'attn_mask' must be Tensor, not {type(mask).__name__}")
+    if mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
+                           f"attn_mask.dtype: {mask.dtype} and  query.dtype: {query.dtype} instead.")
+    if mask.device != query.device:
+        raise RuntimeError(f"{name}(): attn_mask is on {mask.device} but query is on {query.device}")
+    try:
+        ok = torch.broadcast_shapes(mask.shape, shape) == torch.Size(shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise RuntimeError(f"{name}(): attn_mask of shape {tuple(mask.shape)} is not broadcastable to the "
+                           f"attention scores' shape {tuple(shape)}")
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    r"""Fused attention, like :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+    ``softmax(query @ keyᵀ * scale + attn_mask) @ value`` without materialising the
+    scores. query ``[..., L, E]``, key ``[..., S, E]``, value ``[..., S, Ev]``; the
+    batch dims broadcast. ``attn_mask`` broadcasts to ``[..., L, S]``: bool (True =
+    attend) or additive float. ``is_causal`` keeps key ``j <= i`` (top-left,
+    ``torch.tril``). ``enable_gqa`` shares each key/value head (dim -3) across a group
+    of query heads. ``scale`` defaults to ``1/sqrt(E)``. Dropout, when ``dropout_p >
+    0``, is drawn with a counter-based RNG seeded from torch's default generator.
+
+    A query row that sees no key returns zeros (zero gradient), never NaN. A float
+    ``attn_mask`` that requires grad runs on the torch backend (the kernels give no
+    mask gradient).
+    """
+    name = "scaled_dot_product_attention"
+    _check_attention_inputs(name, query, key, value, scale, dropout_p)
+    if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
+        raise RuntimeError(f"Expected query, key, and value to all be  at least 2 dimensional, but got query.dim: "
+                           f"{query.dim()} key.dim: {key.dim()} and value.dim: {value.dim()} instead.")
+    L, E = query.shape[-2:]
+    S, Ev = value.shape[-2:]
+    if key.shape[-1] != E:
+        raise RuntimeError(f"{name}(): query and key must have the same embedding dim (dim -1), got query "
+                           f"{tuple(query.shape)} and key {tuple(key.shape)}")
+    if key.shape[-2] != S:
+        raise RuntimeError(f"{name}(): key and value must have the same sequence length (dim -2), got key "
+                           f"{tuple(key.shape)} and value {tuple(value.shape)}")
+    if is_causal and attn_mask is not None:
+        raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
+    try:
+        if enable_gqa and query.dim() >= 3 and key.dim() >= 3 and value.dim() >= 3:
+            H, Hk, Hv = query.shape[-3], key.shape[-3], value.shape[-3]
+            if Hk == 0 or Hv == 0 or H % Hk != 0 or H % Hv != 0:
+                raise RuntimeError("Number of heads in key and value must divide the number of heads in query")
+            batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+            if Hk != Hv:  # rare: give both the query's head count
+                key, value = key.repeat_interleave(H // Hk, -3), value.repeat_interleave(H // Hv, -3)
+                Hk = H
+            lead = tuple(batch) + (H,)
+            k_lead = tuple(batch) + (Hk,)
+        else:
+            lead = k_lead = tuple(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+    except RuntimeError as e:
+        if "Number of heads" in str(e):
+            raise
+        raise RuntimeError(f"{name}(): the batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} and "
+                           f"value {tuple(value.shape)} do not broadcast ({e})") from None
+    if attn_mask is not None:
+        _check_mask(name, attn_mask, query, lead + (L, S))
+    H = lead[-1] if lead else 1
+    Hk = k_lead[-1] if k_lead else 1
+    # [..., H, L, E] -> [B, H, L, E]: a view for rank <= 4 (broadcast batch dims keep stride 0)
+    B = math.prod(lead[:-1])
+    q4 = query.expand(lead + (L, E)).reshape(B, H, L, E)
+    k4 = key.expand(k_lead + (S, E)).reshape(B, Hk, S, E)
+    v4 = value.expand(k_lead + (S, Ev)).reshape(B, Hk, S, Ev)
+    m4 = None if attn_mask is None else attn_mask.expand(lead + (L, S)).reshape(B, H, L, S)
+    out, _ = ops.attention(q4, k4, v4, m4, scale=scale, is_causal=bool(is_causal), dropout_p=float(dropout_p))
+    return out.reshape(lead + (L, Ev))
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
+                    dropout_p: float = 0.0, return_lse: bool = False, attn_mask: Optional[Tensor] = None,
+                    seed: Optional[int] = None):
+    r"""Fused attention in the ``[B, L, H, D]`` layout most LLM code uses (flash-attn's).
+
+    Args:
+        q: ``[B, L, H, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` with
+            ``H % Hkv == 0`` (grouped-query attention when ``Hkv < H``). Only the last
+            dim needs to be contiguous: views of a packed ``[B, L, 3, H, D]`` tensor
+            (``qkv.unbind(2)``) run without a copy.
+        causal: keep key ``j <= i`` (top-left, as ``torch.tril``).
+        scale: defaults to ``1/sqrt(D)``.
+        dropout_p: attention dropout; ``seed`` fixes its mask (default: drawn from
+            torch's generator).
+        return_lse: also return the log-sum-exp ``[B, H, L]`` (float32, no gradient;
+            ``-inf`` for a row that sees no key).
+        attn_mask: optional, broadcastable to ``[B, H, L, S]``; bool (True = attend) or
+            additive float.
+
+    Returns ``out [B, L, H, Dv]`` (a transposed view of a contiguous ``[B, H, L, Dv]``),
+    and ``lse`` when asked.
+    """
+    name = "flash_attention"
+    _check_attention_inputs(name, q, k, v, scale, dropout_p)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise RuntimeError(f"{name}(): q, k, v must be 4-D [B, L, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                           f"{tuple(v.shape)}")
+    B, L, H, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2] or k.shape[3] != D:
+        raise RuntimeError(f"{name}(): expected q [B, L, H, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv]; got "
+                           f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    S, Hkv = k.shape[1], k.shape[2]
+    if Hkv == 0 or H % Hkv != 0:
+        raise RuntimeError(f"{name}(): the number of query heads ({H}) must be a multiple of the number of "
+                           f"key/value heads ({Hkv})")
+    if attn_mask is not None:
+        _check_mask(name, attn_mask, q, (B, H, L, S))
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"{name}(): seed must be an int, got {type(seed).__name__}")
+    out, lse = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, scale=scale,
+                             is_causal=bool(causal), dropout_p=float(dropout_p), seed=seed)
+    out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+# cross-entropy
+
+
+def _check_reduction(size_average, reduce, reduction) -> str:
+    if size_average is not None or reduce is not None:  # the legacy arguments win, as in torch (with its warning)
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    return reduction
+
+
+def _check_smoothing(name, label_smoothing):
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"{name}(): label_smoothing must be a float, not {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+
+
+def _check_target(name, target: Tensor, device):
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{name}(): argument 'target' must be a Tensor, not {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"{name}(): expected target dtype to be Long or Byte (class indices), or floating point "
+                           f"(class probabilities), but got {target.dtype}")
+    if target.device != device:
+        raise ValueError(f"{name}(): target is on {target.device} but input is on {device}")
+
+
+def _check_class_weight(name, weight, C, device):
+    if weight is None:
+        return
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise TypeError(f"{name}(): weight must be a floating point Tensor, got "
+                        f"{weight.dtype if isinstance(weight, Tensor) else type(weight).__name__}")
+    if weight.dim() != 1 or weight.shape[0] != C:
+        raise RuntimeError(f"weight tensor should be defined either for all {C} classes or no classes but got "
+                           f"weight tensor of shape: {list(weight.shape)}")
+    if weight.requires_grad:  # as torch: nll_loss has no derivative for its weight
+        raise RuntimeError(f"{name}(): class weights cannot require grad (the loss is not differentiable with "
+                           "respect to them, as in torch)")
+    if weight.device != device:
+        raise ValueError(f"{name}(): weight is on {weight.device} but input is on {device}")
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
+                  ignore_index: int = -100, reduce=None, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> Tensor:
+    r"""Cross-entropy between logits and targets, like :func:`torch.nn.functional.cross_entropy`.
+
+    Class-index targets run the fused kernels: input [N, C], [C] or [N, C, d1, ...]
+    (classes on dim 1) with target [N], [] or [N, d1, ...] (int64 or uint8); every
+    ``reduction``; per-class ``weight``; ``ignore_index`` ('mean' over only ignored
+    targets is NaN, as in torch); ``label_smoothing`` as torch defines it (with
+    ``weight``, each class's smoothing term is weighted by its own weight). One pass per
+    row with an online log-sum-exp; the gradient is recomputed in one pass without a
+    softmax tensor. Math in fp32 for fp16/bf16 input; the loss has the input's dtype.
+
+    Probability (floating point) targets run torch's implementation. A target outside
+    ``[0, C)`` that is not ``ignore_index`` raises ``IndexError``.
+    """
+    name = "cross_entropy"
+    _check_float(name, "input", input)
+    reduction = _check_reduction(size_average, reduce, reduction)
+    _check_smoothing(name, label_smoothing)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"{name}(): ignore_index must be an int, not {type(ignore_index).__name__}")
+    if input.dim() == 0:
+        raise ValueError(f"{name}(): input must have a class dimension, got a 0-dim tensor")
+    C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    _check_class_weight(name, weight, C, input.device)
+    if isinstance(target, Tensor) and target.is_floating_point():  # class probabilities: torch's implementation
+        return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    _check_target(name, target, input.device)
+    if input.dim() == 1:
+        if target.dim() != 0:
+            raise ValueError(f"{name}(): for a 1-D input of {C} classes the target must be a 0-dim class index, got "
+                             f"shape {tuple(target.shape)}")
+    else:
+        if target.dim() == 0 or target.shape[0] != input.shape[0]:
+            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                             f"({target.shape[0] if target.dim() else 'a 0-dim target'}).")
+        expected = (input.shape[0],) + tuple(input.shape[2:])
+        if tuple(target.shape) != expected:
+            raise ValueError(f"{name}(): expected target of shape {expected} for input of shape "
+                             f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    which = backends.resolve("cross_entropy", input)
+    if which == "torch":
+        return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    # canonical [N, C] rows: a view for [N, C]; [N, C, d...] moves the classes last (a copy)
+    x = input.unsqueeze(0) if input.dim() == 1 else input.movedim(1, -1)
+    x = x.reshape(-1, C).contiguous()
+    t = target.reshape(-1).to(torch.int64).contiguous()
+    w = None if weight is None else weight.to(acc_dtype(input.dtype)).contiguous()
+    out = ops.cross_entropy(x, t, w, ignore_index, reduction, float(label_smoothing), which)
+    return out.reshape(target.shape) if reduction == "none" else out
+
+
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
+                               ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                               chunk_size: Optional[int] = None, *, class_weight: Optional[Tensor] = None) -> Tensor:
+    r"""``cross_entropy(hidden @ weight.T + bias, target)`` without ever holding the logits.
+
+    Args:
+        hidden: [..., H] final hidden states (floating point).
+        weight: [V, H] the LM head (``nn.Linear(H, V).weight``), hidden's dtype.
+        target: [...] class indices (int64/uint8) matching hidden's leading dims.
+        bias: optional [V].
+        ignore_index, reduction, label_smoothing: as :func:`cross_entropy`.
+        chunk_size: tokens per chunk (default: chunk logits about the size of ``hidden``,
+            at least 256 rows). Peak extra memory is one [chunk_size, V] logits buffer
+            plus the parameter-sized gradients, never [N, V].
+        class_weight (keyword): optional per-class weights [V] (``cross_entropy``'s ``weight``).
+
+    Gradients flow to ``hidden``, ``weight`` and ``bias``. With 'mean'/'sum' they are
+    computed chunk by chunk during the forward (no second projection in backward); with
+    'none' the backward recomputes each chunk's logits.
+    """
+    name = "fused_linear_cross_entropy"
+    _check_float(name, "hidden", hidden)
+    _check_float(name, "weight", weight)
+    reduction = _check_reduction(None, None, reduction)
+    _check_smoothing(name, label_smoothing)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"{name}(): ignore_index must be an int, not {type(ignore_index).__name__}")
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{name}(): expected hidden [..., H] and weight [V, H], got hidden {tuple(hidden.shape)} "
+                         f"and weight {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise TypeError(f"{name}(): weight ({weight.dtype}, {weight.device}) must match hidden ({hidden.dtype}, "
+                        f"{hidden.device})")
+    V, H = weight.shape
+    if bias is not None:
+        _check_float(name, "bias", bias)
+        if bias.shape != (V,) or bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise ValueError(f"{name}(): bias must be [{V}] of hidden's dtype and device, got {tuple(bias.shape)} "
+                             f"{bias.dtype} on {bias.device}")
+    _check_target(name, target, hidden.device)
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{name}(): target of shape {tuple(target.shape)} does not match hidden's leading dims "
+                         f"{tuple(hidden.shape[:-1])}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"{name}(): chunk_size must be a positive int or None, got {chunk_size!r}")
+    _check_class_weight(name, class_weight, V, hidden.device)
+    which = backends.resolve("fused_linear_cross_entropy", hidden)
+    if which == "torch":
+        return reference.fused_linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction,
+                                                    label_smoothing, class_weight)
+    h = hidden.reshape(-1, H).contiguous()
+    t = target.reshape(-1).to(torch.int64).contiguous()
+    cw = None if class_weight is None else class_weight.to(acc_dtype(hidden.dtype)).contiguous()
+    out = ops.fused_linear_cross_entropy(h, weight.contiguous(), t, None if bias is None else bias.contiguous(), cw,
+                                         ignore_index, reduction, float(label_smoothing), chunk_size, which)
+    return out.reshape(target.shape) if reduction == "none" else out
+
+
+def perplexity(input: Tensor, target: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
+    r"""Perplexity: ``exp`` of the mean token cross-entropy, padding excluded.
+
+    ``perplexity(logits, target)``: logits [..., V] with the vocabulary *last* (a language
+    model's output) against target [...]; tokens equal to ``ignore_index`` do not count.
+    ``perplexity(mean_loss)``: the exponential of an already averaged token loss.
+    Returns a 0-dim float32 tensor (NaN when every token is ignored).
+    """
+    if target is None:
+        return input.detach().float().exp()
+    if input.dim() < 1:
+        raise ValueError("perplexity(): logits must have a vocabulary dimension")
+    V = input.shape[-1]
+    loss = cross_entropy(input.reshape(-1, V), target.reshape(-1), ignore_index=ignore_index, reduction="mean")
+    return loss.float().exp()

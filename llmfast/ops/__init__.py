@@ -9,6 +9,11 @@ from llmfast.backends import _extension
 
 _extension()  # loads llmfast._C when present, which defines the native schemas
 
+from llmfast.ops.attention import attention  # noqa: E402
+from llmfast.ops.layer_norm import layer_norm  # noqa: E402
+from llmfast.ops.rms_norm import rms_norm  # noqa: E402
 from llmfast.ops.softmax import softmax  # noqa: E402
+from llmfast.ops.cross_entropy import cross_entropy  # noqa: E402
+from llmfast.ops.fused_linear_cross_entropy import fused_linear_cross_entropy  # noqa: E402
 
-__all__ = ["softmax"]
+__all__ = ["attention", "cross_entropy", "fused_linear_cross_entropy", "layer_norm", "rms_norm", "softmax"]

@@ -1,0 +1,146 @@
+"""Fused attention: cases, providers, FLOPs.
+
+FLOPs (the standard count): forward ``4·B·H·L·S·D`` (two GEMMs of 2·L·S·D per head),
+halved for causal; backward 2.5× forward, so forward+backward is 3.5× forward.
+
+Providers: ``torch`` is ``torch.nn.functional.scaled_dot_product_attention`` (torch's
+own fused kernels), ``torch_eager_math`` is ``softmax(q@kᵀ·scale)@v`` as users write
+it (it materialises the [B, H, L, S] scores), ``torch_compile`` is that expression
+under ``torch.compile``, and ``llmfast:<backend>`` runs
+``llmfast.nn.functional.scaled_dot_product_attention``. Peak memory is measured for
+every provider (``MEMORY``): the fused kernels need O(L) extra memory, the eager
+expression O(L·S).
+"""
+import torch
+import torch.nn.functional as tF
+
+from llmfast import backends
+from llmfast import reference as _ref
+from llmfast.nn import functional as LF
+
+OP = "attention"
+MEMORY = True  # llmfast bench measures peak memory of every provider for this op
+
+# (B, H, Hkv, L, S, D, causal, mode)
+_CPU_FULL = [
+    (1, 8, 8, 2048, 2048, 64, False, "fwd"),
+    (1, 8, 8, 2048, 2048, 64, True, "fwd"),
+    (1, 8, 8, 2048, 2048, 64, False, "fwd+bwd"),
+    (1, 8, 8, 2048, 2048, 64, True, "fwd+bwd"),
+    (2, 8, 2, 1024, 1024, 128, True, "fwd"),
+]
+_GPU_FULL = [
+    (4, 16, 16, 4096, 4096, 64, False, "fwd"),
+    (4, 16, 16, 4096, 4096, 64, True, "fwd"),
+    (4, 16, 16, 4096, 4096, 128, True, "fwd"),
+    (4, 32, 8, 2048, 2048, 128, True, "fwd"),
+    (4, 16, 16, 4096, 4096, 64, True, "fwd+bwd"),
+    (4, 16, 16, 4096, 4096, 128, True, "fwd+bwd"),
+]
+_QUICK = [
+    (1, 4, 4, 512, 512, 64, False, "fwd"),
+    (1, 4, 4, 512, 512, 64, True, "fwd+bwd"),
+]
+
+
+def cases(quick, device, dtypes):
+    table = _QUICK if quick else (_GPU_FULL if torch.device(device).type == "cuda" else _CPU_FULL)
+    out = []
+    for B, H, Hkv, L, S, D, causal, mode in table:
+        for dt in dtypes:
+            gqa = f" gqa {H}:{Hkv}" if Hkv != H else ""
+            name = f"{mode} B{B} H{H} L{L} S{S} D{D}{' causal' if causal else ''}{gqa}"
+            out.append(dict(name=name, B=B, H=H, Hkv=Hkv, L=L, S=S, D=D, causal=causal, mode=mode, dtype=dt))
+    return out
+
+
+def providers(case, device):
+    return ["torch_eager_math", "torch_compile"]
+
+
+def work(case):
+    flops = 4 * case["B"] * case["H"] * case["L"] * case["S"] * case["D"]
+    if case["causal"]:
+        flops //= 2
+    if case["mode"] == "fwd+bwd":
+        flops = flops * 7 // 2  # forward + 2.5x forward
+    return "TFLOP/s", flops
+
+
+def _inputs(case, device, dtype=None):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    dt = dtype or case["dtype"]
+    B, H, Hkv, L, S, D = (case[k] for k in ("B", "H", "Hkv", "L", "S", "D"))
+    q = torch.randn(B, H, L, D, generator=g).to(device=device, dtype=dt)
+    k = torch.randn(B, Hkv, S, D, generator=g).to(device=device, dtype=dt)
+    v = torch.randn(B, Hkv, S, D, generator=g).to(device=device, dtype=dt)
+    dout = torch.randn(B, H, L, D, generator=g).to(device=device, dtype=dt)
+    return q, k, v, dout
+
+
+def _eager_math(q, k, v, causal):
+    """softmax(q kᵀ·scale) v as users write it; the [B, H, L, S] scores exist."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    if causal:
+        L, S = s.shape[-2:]
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def _wrap(fn, case, device, dtype=None):
+    q, k, v, dout = _inputs(case, device, dtype)
+    if case["mode"] == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return fn(q, k, v)
+        return fwd
+    for t in (q, k, v):
+        t.requires_grad_(True)
+
+    def step():
+        q.grad = k.grad = v.grad = None
+        fn(q, k, v).backward(dout)
+        return q.grad
+    return step
+
+
+def setup(provider, case, device):
+    causal, gqa = case["causal"], case["Hkv"] != case["H"]
+    if provider == "torch":
+        return _wrap(lambda q, k, v: tF.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa),
+                     case, device)
+    if provider == "torch_eager_math":
+        return _wrap(lambda q, k, v: _eager_math(q, k, v, causal), case, device)
+    if provider == "torch_compile":
+        compiled = torch.compile(lambda q, k, v: _eager_math(q, k, v, causal), dynamic=False)
+        return _wrap(compiled, case, device)
+    backend = provider.split(":", 1)[1]
+
+    def fn(q, k, v):
+        with backends.backend(backend):
+            return LF.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    return _wrap(fn, case, device)
+
+
+def reference(case, device):
+    """float64 result, one (b, head) slice at a time so the scores stay small."""
+    q, k, v, dout = _inputs(case, device, torch.float64)
+    G = case["H"] // case["Hkv"]
+    B, H = q.shape[:2]
+    out = torch.empty_like(q)
+    for b in range(B):
+        for h in range(H):
+            qs = q[b:b + 1, h:h + 1]
+            ks, vs = k[b:b + 1, h // G:h // G + 1], v[b:b + 1, h // G:h // G + 1]
+            if case["mode"] == "fwd":
+                out[b, h] = _ref.attention(qs, ks, vs, is_causal=case["causal"])[0][0, 0]
+            else:
+                qs = qs.clone().requires_grad_(True)
+                o = _ref.attention(qs, ks, vs, is_causal=case["causal"])[0]
+                (gq,) = torch.autograd.grad(o, qs, dout[b:b + 1, h:h + 1])
+                out[b, h] = gq[0, 0]
+    return out
+

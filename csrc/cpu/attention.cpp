@@ -1,0 +1,610 @@
+// Fused attention on the CPU, FlashAttention-2 style: out = softmax(q kᵀ·scale + mask) v
+// computed one [BM, BN] tile of scores at a time with an online softmax, so the L×S
+// score matrix never exists; extra memory is O((L + S)·D) (packed, transposed copies
+// of k and v, and fp32 copies of fp16/bf16 inputs) plus O(BM·BN) per thread.
+//
+//   q: [B, H, L, D]   k: [B, Hkv, S, D]   v: [B, Hkv, S, Dv]   (last dim contiguous,
+//   other strides free, e.g. views of a packed [B, L, 3, H, D] tensor); query head h
+//   reads kv head h / (H / Hkv) (GQA). mask: bool (True = attend) or fp32 (additive)
+//   viewed as [B, H, L, S] with any strides. out: [B, H, L, Dv] contiguous; lse:
+//   [B, H, L] fp32, -inf for a row that sees no key (its out and gradients are 0).
+//
+// All math is fp32 (fp16/bf16 inputs are converted once); every matrix product runs
+// through one register-blocked micro-kernel, C[M, N] (+)= A[M, K]·B[K, N], which
+// broadcasts A elements (so A may be read transposed for free) and streams B rows
+// with full-width vector loads. Tiles are arranged so that B is always row-major:
+//   forward   S = Q·Kᵀ     (B = kᵀ, packed once per kv block as [D, BN])
+//             O += P·V     (B = v rows)
+//   backward  S = Q·Kᵀ, dP = dO·Vᵀ (B = packed kᵀ, vᵀ), dS = P∘(dP − Δ)·scale,
+//             dV += Pᵀ·dO, dK += dSᵀ·Q (A read transposed), dQ += dS·K.
+//
+// Dropout (dropout_p > 0) is fused: element (b, h, i, j) is kept iff word 0 of
+// Philox4x32-10 with counter (j, i, b·H + h, 0) and key (seed lo, seed hi) is
+// >= floor(p·2^32) — the same draw as the Triton kernel and llmfast.reference —
+// so backward regenerates the forward's mask from the seed.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/row.h"
+
+namespace llmfast::cpu {
+namespace {
+
+using at::Tensor;
+using Vec = Vectorized<float>;
+constexpr int64_t VL = Vec::size();
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------
+// GEMM micro-kernel
+
+// Register tile: MR rows × NV vectors of accumulators. AVX-512 has 32 zmm: 6×4 = 24
+// accumulators + 4 B vectors + 1 broadcast. AVX2 has 16 ymm: 6×2 = 12 + 2 + 1.
+constexpr int MR = 6;
+constexpr int NV = VL >= 16 ? 4 : 2;
+
+// C[MR_, NV_·VL] (+)= A[MR_, K]·B[K, NV_·VL]; A[m][k] = A[TA ? k·lda + m : m·lda + k].
+// TAIL: the last vector holds only `last` valid columns (masked loads/stores).
+template <int MR_, int NV_, bool TAIL, bool ACC, bool TA>
+void micro(int64_t K, const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,
+           float* __restrict C, int64_t ldc, int64_t last) {
+  Vec acc[MR_][NV_];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR_; ++m) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV_; ++v) {
+      if constexpr (ACC) {
+        acc[m][v] = (TAIL && v == NV_ - 1) ? Vec::loadu(C + m * ldc + v * VL, last) : Vec::loadu(C + m * ldc + v * VL);
+      } else {
+        acc[m][v] = Vec(0.f);
+      }
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    Vec bv[NV_];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV_; ++v) bv[v] = (TAIL && v == NV_ - 1) ? Vec::loadu(b + v * VL, last) : Vec::loadu(b + v * VL);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR_; ++m) {
+      const Vec a(TA ? A[k * lda + m] : A[m * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV_; ++v) acc[m][v] = at::vec::fmadd(a, bv[v], acc[m][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR_; ++m) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV_; ++v) {
+      if (TAIL && v == NV_ - 1) {
+        acc[m][v].store(C + m * ldc + v * VL, last);
+      } else {
+        acc[m][v].store(C + m * ldc + v * VL);
+      }
+    }
+  }
+}
+
+using MicroFn = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t);
+
+template <bool ACC, bool TA>
+struct MicroTable {
+  MicroFn fn[MR + 1][NV + 1][2] = {};
+  template <int M, int N>
+  void fill_one() {
+    fn[M][N][0] = &micro<M, N, false, ACC, TA>;
+    fn[M][N][1] = &micro<M, N, true, ACC, TA>;
+  }
+  template <int M, int... Ns>
+  void fill_row(std::integer_sequence<int, Ns...>) {
+    (fill_one<M, Ns + 1>(), ...);
+  }
+  template <int... Ms>
+  void fill(std::integer_sequence<int, Ms...>) {
+    (fill_row<Ms + 1>(std::make_integer_sequence<int, NV>{}), ...);
+  }
+  MicroTable() { fill(std::make_integer_sequence<int, MR>{}); }
+};
+
+// C[M, N] (+)= A[M, K]·B[K, N] (row-major, leading dims lda/ldb/ldc; A transposed
+// when TA). N runs in panels of NV vectors outermost so one B panel (K × 64 floats)
+// stays in L1 while every MR-row strip of A passes over it.
+template <bool ACC, bool TA = false>
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+          int64_t ldc) {
+  static const MicroTable<ACC, TA> table;
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if constexpr (!ACC) {
+      for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.f);
+    }
+    return;
+  }
+  constexpr int64_t NP = NV * VL;
+  for (int64_t n0 = 0; n0 < N; n0 += NP) {
+    const int64_t nb = std::min(NP, N - n0);
+    const int64_t nv = (nb + VL - 1) / VL;
+    const int64_t last = nb - (nv - 1) * VL;
+    const int tail = last != VL;
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+      const int64_t mb = std::min<int64_t>(MR, M - m0);
+      const float* a = TA ? A + m0 : A + m0 * lda;
+      table.fn[mb][nv][tail](K, a, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, last);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Dropout: Philox4x32-10 (Salmon et al. 2011), word 0 of counter (j, i, bh, 0).
+
+inline uint32_t philox_word0(uint32_t c0, uint32_t c1, uint32_t c2, uint64_t seed) {
+  uint32_t c3 = 0, k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = uint64_t(0xD2511F53u) * c0, p1 = uint64_t(0xCD9E8D57u) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(p1);
+    c3 = static_cast<uint32_t>(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+struct Dropout {
+  bool on = false;
+  uint32_t threshold = 0;  // drop iff draw < threshold = floor(p·2^32)
+  float keep_scale = 1.f;  // 1 / (1 - p)
+  uint64_t seed = 0;
+  // z[j] = keep(b·H + h, i, j0 + j) ? keep_scale : 0 for j < n
+  void factors(float* z, int64_t n, int64_t bh, int64_t i, int64_t j0) const {
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t r = philox_word0(static_cast<uint32_t>(j0 + j), static_cast<uint32_t>(i), static_cast<uint32_t>(bh), seed);
+      z[j] = r >= threshold ? keep_scale : 0.f;
+    }
+  }
+};
+
+Dropout make_dropout(double p, int64_t seed) {
+  Dropout d;
+  if (p > 0) {
+    TORCH_CHECK(p < 1, "llmfast::attention: dropout_p must be < 1 (the caller handles p = 1), got ", p);
+    d.on = true;
+    d.threshold = static_cast<uint32_t>(std::min<double>(std::floor(p * 4294967296.0), 4294967295.0));
+    d.keep_scale = static_cast<float>(1.0 / (1.0 - p));
+    d.seed = static_cast<uint64_t>(seed);
+  }
+  return d;
+}
+
+// ---------------------------------------------------------------------------------
+// Problem description
+
+// An fp32 [B, Hx, N, E] view with a contiguous last dim.
+struct View {
+  const float* ptr = nullptr;
+  int64_t sb = 0, sh = 0, sn = 0;
+  const float* at(int64_t b, int64_t h, int64_t n) const { return ptr + b * sb + h * sh + n * sn; }
+};
+
+View view_of(const Tensor& t) { return {t.const_data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+// fp32 with a contiguous last dim: the tensor itself when it already is, else a copy.
+Tensor as_f32(const Tensor& t) {
+  if (t.scalar_type() == at::kFloat && t.stride(-1) == 1) return t;
+  return t.to(at::kFloat).contiguous();
+}
+
+struct MaskView {
+  const void* ptr = nullptr;
+  bool is_bool = false;
+  int64_t sb = 0, sh = 0, sl = 0, ss = 0;
+};
+
+struct Problem {
+  int64_t B, H, Hkv, G, L, S, D, Dv;
+  float scale;
+  bool causal;
+  const MaskView* mask;
+  Dropout drop;
+};
+
+// Block sizes. BM query rows × BN keys per score tile: the fp32 tile (32 KiB) and one
+// packed kᵀ panel stay in L1/L2; BM = 64 gives B·H·L/64 forward tasks to spread.
+constexpr int64_t BM = 64;
+constexpr int64_t BN = 128;
+constexpr int64_t BM_BWD = 64;
+constexpr int64_t BN_BWD = 64;
+
+// Pack x [B, Hkv, S, E] (rows) into fp32 blocks xt [B·Hkv, nblk, E, bn]: block t holds
+// x[.., t·bn : t·bn + bn, :]ᵀ, zero padded. Blocks keep B-panel rows 4·bn bytes apart
+// (a row stride of 4·S bytes would map all E rows to a few L1 sets when S = 2^k).
+template <typename scalar_t>
+Tensor pack_transposed(const Tensor& x, int64_t bn) {
+  const int64_t B = x.size(0), Hx = x.size(1), S = x.size(2), E = x.size(3);
+  const int64_t nblk = (S + bn - 1) / bn;
+  Tensor out = at::empty({B * Hx, nblk, E, bn}, x.options().dtype(at::kFloat));
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  float* op = out.mutable_data_ptr<float>();
+  const int64_t sb = x.stride(0), sh = x.stride(1), ss = x.stride(2);
+  at::parallel_for(0, B * Hx * nblk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t blk = t % nblk, bh = t / nblk, b = bh / Hx, h = bh % Hx;
+      const int64_t n0 = blk * bn, nb = std::min(bn, S - n0);
+      float* dst = op + t * E * bn;
+      const scalar_t* src = xp + b * sb + h * sh + n0 * ss;
+      for (int64_t e = 0; e < E; ++e) {
+        float* d = dst + e * bn;
+        for (int64_t n = 0; n < nb; ++n) d[n] = static_cast<float>(src[n * ss + e]);
+        std::fill(d + nb, d + bn, 0.f);
+      }
+    }
+  });
+  return out;
+}
+
+// z[0, n) += mask row (additive) or = -inf where the bool mask is false.
+inline void apply_mask_row(float* z, int64_t n, const MaskView& mk, int64_t b, int64_t h, int64_t i, int64_t j0) {
+  const int64_t off = b * mk.sb + h * mk.sh + i * mk.sl + j0 * mk.ss;
+  if (mk.is_bool) {
+    const bool* m = static_cast<const bool*>(mk.ptr) + off;
+    for (int64_t j = 0; j < n; ++j) z[j] = m[j * mk.ss] ? z[j] : kNegInf;
+  } else {
+    const float* m = static_cast<const float*>(mk.ptr) + off;
+    if (mk.ss == 1) {
+      at::vec::map2([](Vec a, Vec c) { return a + c; }, z, z, m, n);
+    } else {
+      for (int64_t j = 0; j < n; ++j) z[j] += m[j * mk.ss];
+    }
+  }
+}
+
+// Number of keys of block [j0, j0 + nb) that query i may see under the causal mask.
+inline int64_t visible(bool causal, int64_t i, int64_t j0, int64_t nb) {
+  return causal ? std::clamp<int64_t>(i - j0 + 1, 0, nb) : nb;
+}
+
+// Order tasks so that each thread's contiguous chunk mixes cheap and expensive
+// causal tiles: t -> 0, n-1, 1, n-2, ... (at::parallel_for splits ranges statically).
+inline int64_t zigzag(int64_t t, int64_t n) { return (t & 1) ? n - 1 - t / 2 : t / 2; }
+
+// ---------------------------------------------------------------------------------
+// Forward
+
+template <typename scalar_t>
+void fwd_impl(const Problem& P, const View& q, const Tensor& kT, const View& v, Tensor& out, Tensor& lse) {
+  const int64_t B = P.B, H = P.H, L = P.L, S = P.S, D = P.D, Dv = P.Dv;
+  const int64_t nmt = (L + BM - 1) / BM, nblk = (S + BN - 1) / BN;
+  const float* ktp = kT.const_data_ptr<float>();
+  scalar_t* outp = out.mutable_data_ptr<scalar_t>();
+  float* lsep = lse.mutable_data_ptr<float>();
+  constexpr bool direct = std::is_same_v<scalar_t, float>;  // accumulate straight into out
+
+  at::parallel_for(0, B * H * nmt, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sbuf(BM * BN), obuf(direct ? 0 : BM * Dv), mrow(BM), lrow(BM), zdrop(P.drop.on ? BN : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / nmt, mt = P.causal ? zigzag(t % nmt, nmt) : t % nmt;
+      const int64_t b = bh / H, h = bh % H, hk = h / P.G;
+      const int64_t i0 = mt * BM, mb = std::min(BM, L - i0);
+      const float* qp = q.at(b, h, i0);
+      float* O;
+      if constexpr (direct) {
+        O = outp + (bh * L + i0) * Dv;
+      } else {
+        O = obuf.data();
+      }
+      std::fill(mrow.begin(), mrow.end(), kNegInf);
+      std::fill(lrow.begin(), lrow.end(), 0.f);
+      // causal: keys past the tile's last query are invisible to all of its rows
+      const int64_t s_end = P.causal ? std::min(S, i0 + mb) : S;
+      bool first = true;
+      for (int64_t j0 = 0; j0 < s_end; j0 += BN) {
+        const int64_t nb = std::min(BN, s_end - j0);
+        const float* ktb = ktp + ((b * P.Hkv + hk) * nblk + j0 / BN) * D * BN;
+        float* Sb = sbuf.data();
+        gemm<false>(mb, nb, D, qp, q.sn, ktb, BN, Sb, BN);  // S = Q Kᵀ: [mb, nb]
+        for (int64_t r = 0; r < mb; ++r) {
+          const int64_t i = i0 + r;
+          float* z = Sb + r * BN;
+          const int64_t nv = visible(P.causal, i, j0, nb);
+          const float scale = P.scale;
+          at::vec::map([scale](Vec x) { return x * Vec(scale); }, z, z, nv);
+          if (P.mask) apply_mask_row(z, nv, *P.mask, b, h, i, j0);
+          const float bmax = nv > 0 ? vec_max(z, nv) : kNegInf;
+          const float m_old = mrow[r], m_new = std::max(m_old, bmax);
+          if (m_new == kNegInf) {  // nothing visible so far: p = 0, state unchanged
+            std::fill(z, z + nb, 0.f);
+            continue;
+          }
+          // p = exp(z - m_new) over the visible keys, summed (before dropout: lse is
+          // the softmax's normaliser); invisible keys get p = 0.
+          const Vec vm(m_new);
+          Vec vs(0.f);
+          int64_t j = 0;
+          for (; j + VL <= nv; j += VL) {
+            const Vec e = (Vec::loadu(z + j) - vm).exp_u20();
+            e.store(z + j);
+            vs = vs + e;
+          }
+          if (j < nv) {
+            const Vec e = (Vec::loadu(z + j, nv - j) - vm).exp_u20();
+            e.store(z + j, nv - j);
+            vs = vs + Vec::set(Vec(0.f), e, nv - j);
+          }
+          std::fill(z + nv, z + nb, 0.f);
+          const float bsum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vs);
+          const float alpha = std::exp(m_old - m_new);  // 0 when m_old = -inf
+          lrow[r] = lrow[r] * alpha + bsum;
+          mrow[r] = m_new;
+          if (P.drop.on) {
+            P.drop.factors(zdrop.data(), nv, bh, i, j0);
+            at::vec::map2([](Vec x, Vec f) { return x * f; }, z, z, zdrop.data(), nv);
+          }
+          if (!first && alpha != 1.f) {
+            float* o = O + r * Dv;
+            at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, o, o, Dv);
+          }
+        }
+        const float* vb = v.at(b, hk, j0);
+        if (first) {
+          gemm<false>(mb, Dv, nb, Sb, BN, vb, v.sn, O, Dv);  // O = P V
+        } else {
+          gemm<true>(mb, Dv, nb, Sb, BN, vb, v.sn, O, Dv);  // O += P V
+        }
+        first = false;
+      }
+      if (first) {  // no key at all (S = 0, or causal with ... nothing): zeros
+        for (int64_t r = 0; r < mb; ++r) std::fill(O + r * Dv, O + r * Dv + Dv, 0.f);
+      }
+      float* lrow_out = lsep + bh * L + i0;
+      for (int64_t r = 0; r < mb; ++r) {
+        float* o = O + r * Dv;
+        const float l = lrow[r];
+        if (l > 0.f) {
+          const float inv = 1.f / l;
+          at::vec::map([inv](Vec x) { return x * Vec(inv); }, o, o, Dv);
+          lrow_out[r] = mrow[r] + std::log(l);
+        } else {  // the row saw no key
+          std::fill(o, o + Dv, 0.f);
+          lrow_out[r] = kNegInf;
+        }
+        if constexpr (!direct) {
+          at::vec::convert(o, outp + (bh * L + i0 + r) * Dv, Dv);
+        }
+      }
+    }
+  });
+}
+
+MaskView mask_view(const std::optional<Tensor>& mask, const Tensor& q, int64_t S, const char* who) {
+  MaskView mv;
+  if (mask.has_value()) {
+    const Tensor& mk = *mask;
+    TORCH_CHECK(mk.dim() == 4 && mk.size(0) == q.size(0) && mk.size(1) == q.size(1) && mk.size(2) == q.size(2) &&
+                    mk.size(3) == S,
+                who, ": mask must be viewed as [B, H, L, S] = [", q.size(0), ", ", q.size(1), ", ", q.size(2), ", ", S,
+                "], got ", mk.sizes());
+    TORCH_CHECK(mk.scalar_type() == at::kBool || mk.scalar_type() == at::kFloat, who,
+                ": mask must be bool or float32, got ", mk.scalar_type());
+    TORCH_CHECK(mk.device() == q.device(), who, ": mask is on ", mk.device(), ", q on ", q.device());
+    mv = {mk.const_data_ptr(), mk.scalar_type() == at::kBool, mk.stride(0), mk.stride(1), mk.stride(2), mk.stride(3)};
+  }
+  return mv;
+}
+
+Problem check_problem(const Tensor& q, const Tensor& k, const Tensor& v, double scale, bool is_causal,
+                      const char* who) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, who, ": q, k, v must be 4-D [B, H, L, D], got ", q.sizes(),
+              ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), who,
+              ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), who, ": q, k, v must be on one device");
+  TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1 && v.stride(-1) == 1, who,
+              ": the last dim of q, k, v must be contiguous");
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == S && k.size(3) == D, who,
+              ": shapes q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(),
+              " do not match q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv]");
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, who, ": the number of query heads (", H,
+              ") must be a multiple of the number of key/value heads (", Hkv, ")");
+  Problem P{B, H, Hkv, H / Hkv, L, S, D, Dv, static_cast<float>(scale), is_causal, nullptr, {}};
+  return P;
+}
+
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const std::optional<Tensor>& mask, double scale, bool is_causal,
+                                         double dropout_p, int64_t seed) {
+  const char* who = "llmfast::attention_fwd";
+  Problem P = check_problem(q, k, v, scale, is_causal, who);
+  MaskView mv = mask_view(mask, q, P.S, who);
+  P.mask = mask.has_value() ? &mv : nullptr;
+  P.drop = make_dropout(dropout_p, seed);
+  Tensor out = at::empty({P.B, P.H, P.L, P.Dv}, q.options());
+  Tensor lse = at::empty({P.B, P.H, P.L}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "llmfast_attention_fwd_cpu", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, who, ": float64 runs on the torch backend");
+    } else {
+      const Tensor q32 = as_f32(q), v32 = as_f32(v);
+      const Tensor kT = pack_transposed<scalar_t>(k, BN);
+      fwd_impl<scalar_t>(P, view_of(q32), kT, view_of(v32), out, lse);
+    }
+  });
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------------
+// Backward
+
+// Δ[b, h, i] = Σ_d dO·O (fp32), the softmax-backward row term.
+template <typename scalar_t>
+Tensor row_dot(const Tensor& dout, const Tensor& out) {
+  const int64_t Dv = out.size(-1), rows = out.numel() / std::max<int64_t>(Dv, 1);
+  Tensor delta = at::empty(out.sizes().slice(0, 3), out.options().dtype(at::kFloat));
+  const scalar_t* a = dout.const_data_ptr<scalar_t>();
+  const scalar_t* o = out.const_data_ptr<scalar_t>();
+  float* dp = delta.mutable_data_ptr<float>();
+  at::parallel_for(0, rows, grain_for(Dv), [&](int64_t begin, int64_t end) {
+    std::vector<float> ba(Dv), bo(Dv);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* x = load_row<scalar_t, float>(a + r * Dv, Dv, ba.data());
+      const float* y = load_row<scalar_t, float>(o + r * Dv, Dv, bo.data());
+      dp[r] = at::vec::map2_reduce_all<float>([](Vec p, Vec w) { return p * w; },
+                                              [](Vec p, Vec w) { return p + w; }, x, y, Dv);
+    }
+  });
+  return delta;
+}
+
+template <typename scalar_t>
+void bwd_impl(const Problem& P, const View& q, const View& k, const View& dO, const Tensor& kT, const Tensor& vT,
+              const Tensor& lse, const Tensor& delta, float* dq_acc, int64_t chunks, Tensor& dk, Tensor& dv) {
+  const int64_t B = P.B, H = P.H, Hkv = P.Hkv, L = P.L, S = P.S, D = P.D, Dv = P.Dv;
+  const int64_t nkt = (S + BN_BWD - 1) / BN_BWD;
+  const float* ktp = kT.const_data_ptr<float>();
+  const float* vtp = vT.const_data_ptr<float>();
+  const float* lsep = lse.const_data_ptr<float>();
+  const float* dlp = delta.const_data_ptr<float>();
+  scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
+  scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
+  const float scale = P.scale;
+
+  // Task (b, kv head, chunk c) owns dK/dV of its kv tiles (chunk c takes tiles c, 2C-1-c,
+  // 2C+c, ... so causal chunks cost alike) and writes dQ of the group's heads into its
+  // own fp32 slice dq_acc[c]: no two threads write the same element, and the slices are
+  // summed in a fixed order afterwards, so the result does not depend on scheduling.
+  at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> pbuf(BM_BWD * BN_BWD), dsbuf(BM_BWD * BN_BWD), dkb(BN_BWD * D), dvb(BN_BWD * Dv),
+        zdrop(P.drop.on ? BN_BWD : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task % chunks, bk = task / chunks, b = bk / Hkv, hk = bk % Hkv;
+      float* dqc = dq_acc + c * B * H * L * D;
+      for (int64_t u = 0;; ++u) {
+        // zigzag over rounds of 2C tiles: c, 2C-1-c, then the next round
+        const int64_t round = u / 2, tile = round * 2 * chunks + ((u & 1) ? 2 * chunks - 1 - c : c);
+        if (round * 2 * chunks >= nkt) break;
+        if (tile >= nkt) continue;
+        const int64_t j0 = tile * BN_BWD, nb = std::min(BN_BWD, S - j0);
+        const float* ktb = ktp + (bk * nkt + tile) * D * BN_BWD;
+        const float* vtb = vtp + (bk * nkt + tile) * Dv * BN_BWD;
+        const float* kb = k.at(b, hk, j0);
+        std::fill(dkb.begin(), dkb.end(), 0.f);
+        std::fill(dvb.begin(), dvb.end(), 0.f);
+        for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h) {
+          const int64_t bh = b * H + h;
+          // causal: query rows before j0 see none of this tile's keys
+          const int64_t i_start = P.causal ? (j0 / BM_BWD) * BM_BWD : 0;
+          for (int64_t i0 = i_start; i0 < L; i0 += BM_BWD) {
+            const int64_t mb = std::min(BM_BWD, L - i0);
+            float* Pb = pbuf.data();
+            float* dSb = dsbuf.data();
+            gemm<false>(mb, nb, D, q.at(b, h, i0), q.sn, ktb, BN_BWD, Pb, BN_BWD);      // S = Q Kᵀ
+            gemm<false>(mb, nb, Dv, dO.at(b, h, i0), dO.sn, vtb, BN_BWD, dSb, BN_BWD);  // dP = dO Vᵀ
+            for (int64_t r = 0; r < mb; ++r) {
+              const int64_t i = i0 + r;
+              float* p = Pb + r * BN_BWD;
+              float* ds = dSb + r * BN_BWD;
+              const float lse_i = lsep[bh * L + i];
+              const int64_t nv = lse_i == kNegInf ? 0 : visible(P.causal, i, j0, nb);
+              if (nv > 0) {
+                // p = exp(s·scale (+ mask) - lse): the forward's probabilities
+                at::vec::map([scale](Vec x) { return x * Vec(scale); }, p, p, nv);
+                if (P.mask) apply_mask_row(p, nv, *P.mask, b, h, i, j0);
+                at::vec::map([lse_i](Vec x) { return (x - Vec(lse_i)).exp_u20(); }, p, p, nv);
+                const float d_i = dlp[bh * L + i];
+                if (P.drop.on) {
+                  // dS = p∘(z∘dP − Δ) and dV takes p∘z, z = keep/(1 − p_drop)
+                  float* z = zdrop.data();
+                  P.drop.factors(z, nv, bh, i, j0);
+                  for (int64_t j = 0; j < nv; ++j) {
+                    ds[j] = p[j] * (z[j] * ds[j] - d_i) * scale;
+                    p[j] *= z[j];
+                  }
+                } else {
+                  at::vec::map2([d_i, scale](Vec pp, Vec dp) { return pp * (dp - Vec(d_i)) * Vec(scale); }, ds, p,
+                                ds, nv);
+                }
+              }
+              std::fill(p + nv, p + nb, 0.f);
+              std::fill(ds + nv, ds + nb, 0.f);
+            }
+            gemm<true, true>(nb, Dv, mb, Pb, BN_BWD, dO.at(b, h, i0), dO.sn, dvb.data(), Dv);  // dV += Pᵀ dO
+            gemm<true, true>(nb, D, mb, dSb, BN_BWD, q.at(b, h, i0), q.sn, dkb.data(), D);      // dK += dSᵀ Q
+            gemm<true>(mb, D, nb, dSb, BN_BWD, kb, k.sn, dqc + (bh * L + i0) * D, D);          // dQ += dS K
+          }
+        }
+        for (int64_t n = 0; n < nb; ++n) {
+          store_row<scalar_t, float>(dkb.data() + n * D, dkp + ((bk * S) + j0 + n) * D, D);
+          store_row<scalar_t, float>(dvb.data() + n * Dv, dvp + ((bk * S) + j0 + n) * Dv, Dv);
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            std::copy(dkb.data() + n * D, dkb.data() + (n + 1) * D, dkp + ((bk * S) + j0 + n) * D);
+            std::copy(dvb.data() + n * Dv, dvb.data() + (n + 1) * Dv, dvp + ((bk * S) + j0 + n) * Dv);
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                                 const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                 const std::optional<Tensor>& mask, double scale, bool is_causal,
+                                                 double dropout_p, int64_t seed) {
+  const char* who = "llmfast::attention_bwd";
+  Problem P = check_problem(q, k, v, scale, is_causal, who);
+  MaskView mv = mask_view(mask, q, P.S, who);
+  P.mask = mask.has_value() ? &mv : nullptr;
+  P.drop = make_dropout(dropout_p, seed);
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({P.B, P.H, P.L, P.Dv}) && grad_out.sizes() == out.sizes(), who,
+              ": out and grad_out must be [B, H, L, Dv] = [", P.B, ", ", P.H, ", ", P.L, ", ", P.Dv, "], got ",
+              out.sizes(), " and ", grad_out.sizes());
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && grad_out.scalar_type() == q.scalar_type(), who,
+              ": out and grad_out must have q's dtype ", q.scalar_type());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({P.B, P.H, P.L}) && lse.scalar_type() == at::kFloat, who,
+              ": lse must be float32 [B, H, L]");
+  Tensor dq = at::empty(q.sizes(), q.options());
+  Tensor dk = at::empty(k.sizes(), k.options());
+  Tensor dv = at::empty(v.sizes(), v.options());
+  if (dq.numel() == 0 && dk.numel() == 0 && dv.numel() == 0) return {dq, dk, dv};
+  if (P.L == 0 || P.S == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "llmfast_attention_bwd_cpu", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, who, ": float64 runs on the torch backend");
+    } else {
+      const Tensor go = grad_out.contiguous(), o = out.contiguous(), lse_c = lse.contiguous();
+      const Tensor delta = row_dot<scalar_t>(go, o);
+      const Tensor q32 = as_f32(q), k32 = as_f32(k), go32 = as_f32(go);
+      const Tensor kT = pack_transposed<scalar_t>(k, BN_BWD), vT = pack_transposed<scalar_t>(v, BN_BWD);
+      // Enough (b, kv head, chunk) tasks to keep every thread busy; each chunk beyond
+      // the first costs a [B, H, L, D] fp32 dQ slice.
+      const int64_t nkt = (P.S + BN_BWD - 1) / BN_BWD;
+      const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
+      const int64_t chunks = std::clamp<int64_t>((want + P.B * P.Hkv - 1) / (P.B * P.Hkv), 1, nkt);
+      const bool direct = std::is_same_v<scalar_t, float> && chunks == 1;
+      Tensor acc = direct ? dq : at::empty({chunks, P.B, P.H, P.L, P.D}, q.options().dtype(at::kFloat));
+      acc.zero_();
+      bwd_impl<scalar_t>(P, view_of(q32), view_of(k32), view_of(go32), kT, vT, lse_c, delta,
+                         acc.mutable_data_ptr<float>(), chunks, dk, dv);
+      if (!direct) dq.copy_(chunks == 1 ? acc[0] : acc.sum(0));
+    }
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llmfast, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+}
+
+}  // namespace llmfast::cpu

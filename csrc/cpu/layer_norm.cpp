@@ -1,0 +1,226 @@
+// LayerNorm with an optional fused residual add, forward and backward, on the CPU.
+//
+//   s     = x + r                          (when a residual is given; stored, rounded)
+//   mean  = sum(s) / N,  var = sum((s - mean)^2) / N,  rstd = 1 / sqrt(var + eps)
+//   x_hat = (s - mean) * rstd,  y = x_hat * w + b
+// backward, with g = dy * w:
+//   dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) (+ d_summed),
+//   dw = sum_rows dy * x_hat,  db = sum_rows dy
+//
+// x: [M, N] (unit column stride), one row per task element of at::parallel_for. A row is
+// read from memory once and then stays in L1/L2 (fp32 row of 4096 = 16 KB): the stats
+// take two vectorised passes over it (sum, then moments about that first mean), the
+// output a third. fp16/bf16 rows are widened to fp32 scratch rows first.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/norm.h"
+
+namespace llmfast::cpu {
+namespace {
+
+constexpr const char* kFwd = "llmfast::layer_norm_fwd";
+constexpr const char* kBwd = "llmfast::layer_norm_bwd";
+
+template <typename scalar_t>
+void layer_norm_fwd_rows(const Tensor& x, const Tensor& r, const Tensor& w, const Tensor& b, double eps_d,
+                         Tensor& y, Tensor& s, Tensor& mean_t, Tensor& rstd_t) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+  const int64_t M = x.size(0), N = x.size(1);
+  const int64_t sx = x.stride(0), sr = r.defined() ? r.stride(0) : 0;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* sp = r.defined() ? s.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const acc_t* wp = ptr_or_null<acc_t>(w);
+  const acc_t* bp = ptr_or_null<acc_t>(b);
+  acc_t* mp = mean_t.mutable_data_ptr<acc_t>();
+  acc_t* rsp = rstd_t.mutable_data_ptr<acc_t>();
+  const acc_t eps = static_cast<acc_t>(eps_d);
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
+
+  at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> in_buf(same ? 0 : N), in_buf2(same || !rp ? 0 : N), out_buf(same ? 0 : N);
+    for (int64_t m = begin; m < end; ++m) {
+      const acc_t* xr = norm_input_row<scalar_t, acc_t>(xp + m * sx, rp ? rp + m * sr : nullptr,
+                                                        sp ? sp + m * N : nullptr, N, in_buf.data(), in_buf2.data());
+      const acc_t m0 = row_sum(xr, N) * inv_n;
+      acc_t d1, d2;
+      row_shifted_moments(xr, N, m0, d1, d2);
+      const acc_t dm = d1 * inv_n;
+      const acc_t mu = m0 + dm;
+      // max(., 0) only clips rounding below zero; a NaN variance stays NaN (std::max keeps arg 1)
+      const acc_t var = std::max(d2 * inv_n - dm * dm, acc_t(0));
+      const acc_t rs = acc_t(1) / std::sqrt(var + eps);
+      mp[m] = mu;
+      rsp[m] = rs;
+
+      acc_t* yr = row_buffer<scalar_t, acc_t>(yp + m * N, out_buf.data());
+      const Vec vmu(mu), vrs(rs);
+      constexpr int64_t V = Vec::size();
+      for (int64_t j = 0; j < N; j += V) {
+        const int64_t cnt = std::min<int64_t>(V, N - j);
+        Vec v = (Vec::loadu(xr + j, cnt) - vmu) * vrs;
+        if (wp && bp) {
+          v = at::vec::fmadd(v, Vec::loadu(wp + j, cnt), Vec::loadu(bp + j, cnt));
+        } else if (wp) {
+          v = v * Vec::loadu(wp + j, cnt);
+        } else if (bp) {
+          v = v + Vec::loadu(bp + j, cnt);
+        }
+        v.store(yr + j, cnt);
+      }
+      store_row<scalar_t, acc_t>(yr, yp + m * N, N);
+    }
+  });
+}
+
+template <typename scalar_t>
+void layer_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, const Tensor& w,
+                         const Tensor& mean_t, const Tensor& rstd_t, Tensor& dx, acc_type<scalar_t>* dw_part,
+                         acc_type<scalar_t>* db_part, const RowBlocks& blocks) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+  const int64_t N = x.size(1);
+  const int64_t sx = x.stride(0), sdy = dy.stride(0), sds = ds.defined() ? ds.stride(0) : 0;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+  const scalar_t* dsp = ds.defined() ? ds.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  const acc_t* wp = ptr_or_null<acc_t>(w);
+  const acc_t* mp = mean_t.const_data_ptr<acc_t>();
+  const acc_t* rsp = rstd_t.const_data_ptr<acc_t>();
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
+
+  at::parallel_for(0, blocks.K, 1, [&](int64_t kb, int64_t ke) {
+    std::vector<acc_t> bx(same ? 0 : N), bdy(same ? 0 : N), bds(same || !dsp ? 0 : N), bdx(same ? 0 : N);
+    std::vector<acc_t> gdw(dw_part ? N : 0), gdb(db_part ? N : 0);  // the current group's sums
+    acc_t* pdw = dw_part ? gdw.data() : nullptr;
+    acc_t* pdb = db_part ? gdb.data() : nullptr;
+    for (int64_t k = kb; k < ke; ++k) {
+      if (dw_part) std::fill(dw_part + k * N, dw_part + (k + 1) * N, acc_t(0));
+      if (db_part) std::fill(db_part + k * N, db_part + (k + 1) * N, acc_t(0));
+      for (int64_t m = blocks.begin(k); m < blocks.end(k); ++m) {
+        if ((m - blocks.begin(k)) % kGroup == 0) {
+          if (pdw) std::fill(pdw, pdw + N, acc_t(0));
+          if (pdb) std::fill(pdb, pdb + N, acc_t(0));
+        }
+        const acc_t* xr = load_row<scalar_t, acc_t>(xp + m * sx, N, bx.data());
+        const acc_t* gr = load_row<scalar_t, acc_t>(dyp + m * sdy, N, bdy.data());
+        const Vec vmu(mp[m]), vrs(rsp[m]);
+        // pass 1: mean(g), mean(g * x_hat), and the group's dw/db sums. Masked tail
+        // lanes load dy = 0, so every product there is 0.
+        Vec ta(acc_t(0)), tb(acc_t(0));
+        for (int64_t c = 0; c < N; c += kChunk) {
+          const int64_t e = std::min(N, c + kChunk);
+          Vec sa(acc_t(0)), sb(acc_t(0));
+          for (int64_t j = c; j < e; j += V) {
+            const int64_t cnt = std::min<int64_t>(V, e - j);
+            const Vec xh = (Vec::loadu(xr + j, cnt) - vmu) * vrs;
+            const Vec d = Vec::loadu(gr + j, cnt);
+            const Vec g = wp ? d * Vec::loadu(wp + j, cnt) : d;
+            sa = sa + g;
+            sb = at::vec::fmadd(g, xh, sb);
+            if (pdw) at::vec::fmadd(d, xh, Vec::loadu(pdw + j, cnt)).store(pdw + j, cnt);
+            if (pdb) (Vec::loadu(pdb + j, cnt) + d).store(pdb + j, cnt);
+          }
+          ta = ta + sa;
+          tb = tb + sb;
+        }
+        const Vec c1(hsum(ta) * inv_n), c2(hsum(tb) * inv_n);
+        // pass 2: dx = rstd * (g - c1 - x_hat * c2) (+ d_summed)
+        const acc_t* dsr = dsp ? load_row<scalar_t, acc_t>(dsp + m * sds, N, bds.data()) : nullptr;
+        acc_t* dxr = row_buffer<scalar_t, acc_t>(dxp + m * N, bdx.data());
+        for (int64_t j = 0; j < N; j += V) {
+          const int64_t cnt = std::min<int64_t>(V, N - j);
+          const Vec xh = (Vec::loadu(xr + j, cnt) - vmu) * vrs;
+          const Vec d = Vec::loadu(gr + j, cnt);
+          const Vec g = wp ? d * Vec::loadu(wp + j, cnt) : d;
+          Vec out = (g - c1 - xh * c2) * vrs;
+          if (dsr) out = out + Vec::loadu(dsr + j, cnt);
+          out.store(dxr + j, cnt);
+        }
+        store_row<scalar_t, acc_t>(dxr, dxp + m * N, N);
+        if ((m + 1 - blocks.begin(k)) % kGroup == 0 || m + 1 == blocks.end(k)) {
+          if (pdw) add_row(dw_part + k * N, pdw, N);
+          if (pdb) add_row(db_part + k * N, pdb, N);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& input, const std::optional<Tensor>& residual,
+                                                          const std::optional<Tensor>& weight,
+                                                          const std::optional<Tensor>& bias, double eps) {
+  check_input(kFwd, input);
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) check_rows(kFwd, "residual", *residual, input);
+  const Tensor w = acc_param(kFwd, "weight", weight, input);
+  const Tensor b = acc_param(kFwd, "bias", bias, input);
+  const int64_t M = input.size(0), N = input.size(1);
+  const auto opts = input.options().memory_format(at::MemoryFormat::Contiguous);
+  Tensor y = at::empty({M, N}, opts);
+  Tensor s = has_res ? at::empty({M, N}, opts) : at::empty({0}, opts);
+  const auto stat_opts = input.options().dtype(acc_scalar_type(input.scalar_type()));
+  Tensor mean = at::empty({M}, stat_opts), rstd = at::empty({M}, stat_opts);
+  if (M == 0) return {y, s, mean, rstd};
+  TORCH_CHECK(N > 0, kFwd, ": rows must have at least one element");
+  const Tensor r = has_res ? *residual : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "llmfast_layer_norm_fwd_cpu", [&] {
+    layer_norm_fwd_rows<scalar_t>(input, r, w, b, eps, y, s, mean, rstd);
+  });
+  return {y, s, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const std::optional<Tensor>& grad_summed,
+                                                  const Tensor& x, const std::optional<Tensor>& weight,
+                                                  const Tensor& mean, const Tensor& rstd, bool weight_grad,
+                                                  bool bias_grad) {
+  check_input(kBwd, x);
+  check_rows(kBwd, "grad_out", grad_out, x);
+  const bool has_ds = grad_summed.has_value() && grad_summed->defined() && grad_summed->numel() > 0;
+  if (has_ds) check_rows(kBwd, "grad_summed", *grad_summed, x);
+  const Tensor w = acc_param(kBwd, "weight", weight, x);
+  const int64_t M = x.size(0), N = x.size(1);
+  const auto acc = acc_scalar_type(x.scalar_type());
+  for (const Tensor* t : {&mean, &rstd}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == M && t->scalar_type() == acc && t->device() == x.device(), kBwd,
+                ": mean/rstd must be [", M, "] ", acc, " tensors on ", x.device());
+  }
+  const auto acc_opts = x.options().dtype(acc);
+  Tensor dx = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor dw = at::empty({weight_grad ? N : 0}, acc_opts), db = at::empty({bias_grad ? N : 0}, acc_opts);
+  if (M == 0 || N == 0) {
+    dw.zero_();
+    db.zero_();
+    return {dx, dw, db};
+  }
+  const RowBlocks blocks = row_blocks(M, N);
+  Tensor dw_part = weight_grad ? at::empty({blocks.K, N}, acc_opts) : Tensor();
+  Tensor db_part = bias_grad ? at::empty({blocks.K, N}, acc_opts) : Tensor();
+  const Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+  const Tensor ds = has_ds ? *grad_summed : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "llmfast_layer_norm_bwd_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    acc_t* pw = weight_grad ? dw_part.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* pb = bias_grad ? db_part.mutable_data_ptr<acc_t>() : nullptr;
+    layer_norm_bwd_rows<scalar_t>(grad_out, ds, x, w, mean_c, rstd_c, dx, pw, pb, blocks);
+    if (pw) sum_partials(pw, blocks.K, N, dw.mutable_data_ptr<acc_t>());
+    if (pb) sum_partials(pb, blocks.K, N, db.mutable_data_ptr<acc_t>());
+  });
+  return {dx, dw, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llmfast, CPU, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd);
+  m.impl("layer_norm_bwd", &layer_norm_bwd);
+}
+
+}  // namespace llmfast::cpu

@@ -1,0 +1,228 @@
+// Pieces shared by the LayerNorm and RMSNorm CPU kernels (csrc/cpu/layer_norm.cpp,
+// csrc/cpu/rms_norm.cpp): argument checks, the fused residual add, cascaded row sums and
+// the deterministic weight-gradient reduction.
+//
+// Layout: x, residual, grad_out, grad_summed are [M, N] with unit column stride and any
+// row stride; every output is contiguous. Rows are independent and spread over threads.
+#pragma once
+#include <ATen/Parallel.h>
+
+#include <optional>
+
+#include "cpu/row.h"
+
+namespace llmfast::cpu {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------
+// Argument checks (the Python layer checks user input; these guard direct op calls)
+
+inline bool is_norm_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// A row view: [M, N] with unit stride along N (any stride along M).
+inline void check_rows(const char* op, const char* arg, const Tensor& t, const Tensor& like) {
+  TORCH_CHECK(t.dim() == 2, op, ": ", arg, " must be 2-D [M, N], got ", t.dim(), "-D");
+  TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", arg, " has shape ", t.sizes(), ", expected ", like.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", arg, " dtype ", t.scalar_type(),
+              " != input dtype ", like.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", arg, " is on ", t.device(), ", input on ", like.device());
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", arg, " must have unit stride along its last dim");
+}
+
+inline void check_input(const char* op, const Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, op, ": input must be 2-D [M, N], got ", x.dim(), "-D");
+  TORCH_CHECK(is_norm_dtype(x.scalar_type()), op, ": input must be float32, float64, float16 or bfloat16, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, op, ": input must have unit stride along its last dim");
+}
+
+// weight/bias: [N], input's dtype or float32 (float32 parameters with half inputs, as torch
+// allows). Returned as a contiguous tensor of the accumulation type for the kernels.
+inline Tensor acc_param(const char* op, const char* arg, const std::optional<Tensor>& p, const Tensor& x) {
+  if (!p.has_value() || !p->defined()) return Tensor();
+  const Tensor& t = *p;
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", arg, " must have shape [", x.size(1), "], got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() || (t.scalar_type() == at::kFloat && x.scalar_type() != at::kDouble),
+              op, ": ", arg, " dtype ", t.scalar_type(), " must be the input's (", x.scalar_type(), ") or float32");
+  TORCH_CHECK(t.device() == x.device(), op, ": ", arg, " is on ", t.device(), ", input on ", x.device());
+  return t.to(acc_scalar_type(x.scalar_type())).contiguous();
+}
+
+template <typename T>
+inline const T* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// ---------------------------------------------------------------------------------
+// Row helpers
+
+// The row the norm sees: x, or s = x + r rounded to scalar_t and written to `s_out`.
+// Normalising the rounded s (not the fp32 sum) keeps out == norm(summed) exactly, which
+// backward relies on: it recomputes x_hat from the saved `summed`.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+inline const acc_t* norm_input_row(const scalar_t* x, const scalar_t* r, scalar_t* s_out, int64_t n, acc_t* buf,
+                                   acc_t* buf2) {
+  using Vec = Vectorized<acc_t>;
+  if (r == nullptr) return load_row<scalar_t, acc_t>(x, n, buf);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    at::vec::map2([](Vec a, Vec b) { return a + b; }, s_out, x, r, n);
+    return s_out;
+  } else {
+    at::vec::convert(x, buf, n);
+    at::vec::convert(r, buf2, n);
+    at::vec::map2([](Vec a, Vec b) { return a + b; }, buf, buf, buf2, n);
+    at::vec::convert(buf, s_out, n);
+    at::vec::convert(s_out, buf, n);
+    return buf;
+  }
+}
+
+// Sums run in chunks of kChunk elements, each with its own vector accumulators, and the
+// chunk totals are added in a second level: fp32 rounding error then grows with
+// kChunk / lanes + N / kChunk instead of N / lanes (rows reach 131072 and beyond).
+constexpr int64_t kChunk = 2048;
+
+template <typename T>
+inline T hsum(const Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>([](Vectorized<T>& a, Vectorized<T>& b) { return a + b; }, v);
+}
+
+template <typename T>
+inline T row_sum(const T* x, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  Vec total(T(0));
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t e = std::min(n, c + kChunk);
+    Vec a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+    int64_t j = c;
+    for (; j + 4 * V <= e; j += 4 * V) {
+      a0 = a0 + Vec::loadu(x + j);
+      a1 = a1 + Vec::loadu(x + j + V);
+      a2 = a2 + Vec::loadu(x + j + 2 * V);
+      a3 = a3 + Vec::loadu(x + j + 3 * V);
+    }
+    for (; j + V <= e; j += V) a0 = a0 + Vec::loadu(x + j);
+    if (j < e) a1 = a1 + Vec::loadu(x + j, e - j);  // lanes past the row load as 0
+    total = total + ((a0 + a1) + (a2 + a3));
+  }
+  return hsum(total);
+}
+
+// sum(x - shift) and sum((x - shift)^2). With shift = a first estimate of the mean, the
+// variance needs no E[x^2] - E[x]^2 cancellation (rows like 1000 + noise stay accurate),
+// and a constant row gives exactly mean = x, var = 0.
+template <typename T>
+inline void row_shifted_moments(const T* x, int64_t n, T shift, T& s1, T& s2) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const Vec vs(shift), zero(T(0));
+  Vec t1(T(0)), t2(T(0));
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t e = std::min(n, c + kChunk);
+    Vec a1(T(0)), a2(T(0)), b1(T(0)), b2(T(0));
+    int64_t j = c;
+    for (; j + 2 * V <= e; j += 2 * V) {
+      const Vec d = Vec::loadu(x + j) - vs, f = Vec::loadu(x + j + V) - vs;
+      a1 = a1 + d;
+      a2 = at::vec::fmadd(d, d, a2);
+      b1 = b1 + f;
+      b2 = at::vec::fmadd(f, f, b2);
+    }
+    for (; j < e; j += V) {
+      const int64_t cnt = std::min<int64_t>(V, e - j);
+      const Vec d = Vec::set(zero, Vec::loadu(x + j, cnt) - vs, cnt);  // blank lanes past the row
+      a1 = a1 + d;
+      a2 = at::vec::fmadd(d, d, a2);
+    }
+    t1 = t1 + (a1 + b1);
+    t2 = t2 + (a2 + b2);
+  }
+  s1 = hsum(t1);
+  s2 = hsum(t2);
+}
+
+template <typename T>
+inline T row_sumsq(const T* x, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  Vec total(T(0));
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t e = std::min(n, c + kChunk);
+    Vec a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+    int64_t j = c;
+    for (; j + 4 * V <= e; j += 4 * V) {
+      const Vec v0 = Vec::loadu(x + j), v1 = Vec::loadu(x + j + V);
+      const Vec v2 = Vec::loadu(x + j + 2 * V), v3 = Vec::loadu(x + j + 3 * V);
+      a0 = at::vec::fmadd(v0, v0, a0);
+      a1 = at::vec::fmadd(v1, v1, a1);
+      a2 = at::vec::fmadd(v2, v2, a2);
+      a3 = at::vec::fmadd(v3, v3, a3);
+    }
+    for (; j < e; j += V) {
+      const Vec v = Vec::loadu(x + j, std::min<int64_t>(V, e - j));
+      a0 = at::vec::fmadd(v, v, a0);
+    }
+    total = total + ((a0 + a1) + (a2 + a3));
+  }
+  return hsum(total);
+}
+
+// ---------------------------------------------------------------------------------
+// Deterministic weight/bias gradients: rows are cut into K fixed blocks; block k sums its
+// rows into partial[k, :] (one thread owns a block, so no atomics), then partials are
+// added in the order k = 0..K-1. The cut depends on M, N and the thread count only, so a
+// rerun gives the same bits.
+//
+// Accuracy: dw_j = sum over M rows of terms ~1 (65537 rows in the tests). Inside a block,
+// rows are first summed in groups of kGroup into a scratch row, and each group total is
+// added to the block's partial; the final sum over blocks runs in double. The fp32 error
+// then stays near a pairwise sum's instead of growing with the rows per block.
+
+constexpr int64_t kGroup = 16;
+
+struct RowBlocks {
+  int64_t K = 0, M = 0;
+  int64_t begin(int64_t k) const { return k * M / K; }
+  int64_t end(int64_t k) const { return (k + 1) * M / K; }
+};
+
+inline RowBlocks row_blocks(int64_t M, int64_t N) {
+  // Enough blocks to balance threads, few enough that partials stay small next to the
+  // input (<= 4M elements per parameter unless every thread needs its own block).
+  const int64_t cap = std::max<int64_t>(at::get_num_threads(), std::min<int64_t>(128, (int64_t(1) << 22) / std::max<int64_t>(N, 1)));
+  return {std::max<int64_t>(1, std::min(M, cap)), M};
+}
+
+// dst[j] += src[j]
+template <typename acc_t>
+inline void add_row(acc_t* dst, const acc_t* src, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  at::vec::map2([](Vec a, Vec b) { return a + b; }, dst, dst, src, n);
+}
+
+// out[j] = sum_k part[k, j], k in order, accumulated in double.
+template <typename acc_t>
+inline void sum_partials(const acc_t* part, int64_t K, int64_t N, acc_t* out) {
+  constexpr int64_t C = 256;  // columns per task: a double row chunk that stays in L1
+  at::parallel_for(0, (N + C - 1) / C, std::max<int64_t>(1, 8192 / std::max<int64_t>(K * C, 1)), [&](int64_t b, int64_t e) {
+    double acc[C];
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t j0 = c * C, n = std::min<int64_t>(C, N - j0);
+      std::fill(acc, acc + n, 0.0);
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t* p = part + k * N + j0;
+        for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<double>(p[j]);
+      }
+      for (int64_t j = 0; j < n; ++j) out[j0 + j] = static_cast<acc_t>(acc[j]);
+    }
+  });
+}
+
+}  // namespace llmfast::cpu

@@ -1,0 +1,183 @@
+// RMSNorm with an optional fused residual add, forward and backward, on the CPU.
+//
+//   s     = x + r                       (when a residual is given; stored, rounded)
+//   rstd  = 1 / sqrt(sum(s^2) / N + eps),  x_hat = s * rstd,  y = x_hat * w
+// backward, with g = dy * w:
+//   dx = rstd * (g - x_hat * mean(g * x_hat)) (+ d_summed),  dw = sum_rows dy * x_hat
+//
+// Same layout and threading as csrc/cpu/layer_norm.cpp: one row at a time per thread,
+// read once from memory, then two passes over it in L1/L2 (sum of squares, output).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/norm.h"
+
+namespace llmfast::cpu {
+namespace {
+
+constexpr const char* kFwd = "llmfast::rms_norm_fwd";
+constexpr const char* kBwd = "llmfast::rms_norm_bwd";
+
+template <typename scalar_t>
+void rms_norm_fwd_rows(const Tensor& x, const Tensor& r, const Tensor& w, double eps_d, Tensor& y, Tensor& s,
+                       Tensor& rstd_t) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+  const int64_t M = x.size(0), N = x.size(1);
+  const int64_t sx = x.stride(0), sr = r.defined() ? r.stride(0) : 0;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* sp = r.defined() ? s.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const acc_t* wp = ptr_or_null<acc_t>(w);
+  acc_t* rsp = rstd_t.mutable_data_ptr<acc_t>();
+  const acc_t eps = static_cast<acc_t>(eps_d);
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
+
+  at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> in_buf(same ? 0 : N), in_buf2(same || !rp ? 0 : N), out_buf(same ? 0 : N);
+    for (int64_t m = begin; m < end; ++m) {
+      const acc_t* xr = norm_input_row<scalar_t, acc_t>(xp + m * sx, rp ? rp + m * sr : nullptr,
+                                                        sp ? sp + m * N : nullptr, N, in_buf.data(), in_buf2.data());
+      const acc_t rs = acc_t(1) / std::sqrt(row_sumsq(xr, N) * inv_n + eps);
+      rsp[m] = rs;
+      acc_t* yr = row_buffer<scalar_t, acc_t>(yp + m * N, out_buf.data());
+      const Vec vrs(rs);
+      for (int64_t j = 0; j < N; j += V) {
+        const int64_t cnt = std::min<int64_t>(V, N - j);
+        Vec v = Vec::loadu(xr + j, cnt) * vrs;
+        if (wp) v = v * Vec::loadu(wp + j, cnt);
+        v.store(yr + j, cnt);
+      }
+      store_row<scalar_t, acc_t>(yr, yp + m * N, N);
+    }
+  });
+}
+
+template <typename scalar_t>
+void rms_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, const Tensor& w, const Tensor& rstd_t,
+                       Tensor& dx, acc_type<scalar_t>* dw_part, const RowBlocks& blocks) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+  const int64_t N = x.size(1);
+  const int64_t sx = x.stride(0), sdy = dy.stride(0), sds = ds.defined() ? ds.stride(0) : 0;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+  const scalar_t* dsp = ds.defined() ? ds.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  const acc_t* wp = ptr_or_null<acc_t>(w);
+  const acc_t* rsp = rstd_t.const_data_ptr<acc_t>();
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
+
+  at::parallel_for(0, blocks.K, 1, [&](int64_t kb, int64_t ke) {
+    std::vector<acc_t> bx(same ? 0 : N), bdy(same ? 0 : N), bds(same || !dsp ? 0 : N), bdx(same ? 0 : N);
+    std::vector<acc_t> gdw(dw_part ? N : 0);  // the current group's sums
+    acc_t* pdw = dw_part ? gdw.data() : nullptr;
+    for (int64_t k = kb; k < ke; ++k) {
+      if (dw_part) std::fill(dw_part + k * N, dw_part + (k + 1) * N, acc_t(0));
+      for (int64_t m = blocks.begin(k); m < blocks.end(k); ++m) {
+        if (pdw && (m - blocks.begin(k)) % kGroup == 0) std::fill(pdw, pdw + N, acc_t(0));
+        const acc_t* xr = load_row<scalar_t, acc_t>(xp + m * sx, N, bx.data());
+        const acc_t* gr = load_row<scalar_t, acc_t>(dyp + m * sdy, N, bdy.data());
+        const Vec vrs(rsp[m]);
+        // pass 1: mean(g * x_hat) and the group's dw sum (masked tail lanes load dy = 0)
+        Vec tb(acc_t(0));
+        for (int64_t c = 0; c < N; c += kChunk) {
+          const int64_t e = std::min(N, c + kChunk);
+          Vec sb(acc_t(0));
+          for (int64_t j = c; j < e; j += V) {
+            const int64_t cnt = std::min<int64_t>(V, e - j);
+            const Vec xh = Vec::loadu(xr + j, cnt) * vrs;
+            const Vec d = Vec::loadu(gr + j, cnt);
+            const Vec g = wp ? d * Vec::loadu(wp + j, cnt) : d;
+            sb = at::vec::fmadd(g, xh, sb);
+            if (pdw) at::vec::fmadd(d, xh, Vec::loadu(pdw + j, cnt)).store(pdw + j, cnt);
+          }
+          tb = tb + sb;
+        }
+        const Vec c2(hsum(tb) * inv_n);
+        // pass 2: dx = rstd * (g - x_hat * c2) (+ d_summed)
+        const acc_t* dsr = dsp ? load_row<scalar_t, acc_t>(dsp + m * sds, N, bds.data()) : nullptr;
+        acc_t* dxr = row_buffer<scalar_t, acc_t>(dxp + m * N, bdx.data());
+        for (int64_t j = 0; j < N; j += V) {
+          const int64_t cnt = std::min<int64_t>(V, N - j);
+          const Vec xh = Vec::loadu(xr + j, cnt) * vrs;
+          const Vec d = Vec::loadu(gr + j, cnt);
+          const Vec g = wp ? d * Vec::loadu(wp + j, cnt) : d;
+          Vec out = (g - xh * c2) * vrs;
+          if (dsr) out = out + Vec::loadu(dsr + j, cnt);
+          out.store(dxr + j, cnt);
+        }
+        store_row<scalar_t, acc_t>(dxr, dxp + m * N, N);
+        if (pdw && ((m + 1 - blocks.begin(k)) % kGroup == 0 || m + 1 == blocks.end(k))) {
+          add_row(dw_part + k * N, pdw, N);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& input, const std::optional<Tensor>& residual,
+                                                const std::optional<Tensor>& weight, double eps) {
+  check_input(kFwd, input);
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) check_rows(kFwd, "residual", *residual, input);
+  const Tensor w = acc_param(kFwd, "weight", weight, input);
+  const int64_t M = input.size(0), N = input.size(1);
+  const auto opts = input.options().memory_format(at::MemoryFormat::Contiguous);
+  Tensor y = at::empty({M, N}, opts);
+  Tensor s = has_res ? at::empty({M, N}, opts) : at::empty({0}, opts);
+  Tensor rstd = at::empty({M}, input.options().dtype(acc_scalar_type(input.scalar_type())));
+  if (M == 0) return {y, s, rstd};
+  TORCH_CHECK(N > 0, kFwd, ": rows must have at least one element");
+  const Tensor r = has_res ? *residual : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "llmfast_rms_norm_fwd_cpu", [&] {
+    rms_norm_fwd_rows<scalar_t>(input, r, w, eps, y, s, rstd);
+  });
+  return {y, s, rstd};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const std::optional<Tensor>& grad_summed,
+                                        const Tensor& x, const std::optional<Tensor>& weight, const Tensor& rstd,
+                                        bool weight_grad) {
+  check_input(kBwd, x);
+  check_rows(kBwd, "grad_out", grad_out, x);
+  const bool has_ds = grad_summed.has_value() && grad_summed->defined() && grad_summed->numel() > 0;
+  if (has_ds) check_rows(kBwd, "grad_summed", *grad_summed, x);
+  const Tensor w = acc_param(kBwd, "weight", weight, x);
+  const int64_t M = x.size(0), N = x.size(1);
+  const auto acc = acc_scalar_type(x.scalar_type());
+  TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == M && rstd.scalar_type() == acc && rstd.device() == x.device(), kBwd,
+              ": rstd must be a [", M, "] ", acc, " tensor on ", x.device());
+  const auto acc_opts = x.options().dtype(acc);
+  Tensor dx = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor dw = at::empty({weight_grad ? N : 0}, acc_opts);
+  if (M == 0 || N == 0) {
+    dw.zero_();
+    return {dx, dw};
+  }
+  const RowBlocks blocks = row_blocks(M, N);
+  Tensor dw_part = weight_grad ? at::empty({blocks.K, N}, acc_opts) : Tensor();
+  const Tensor rstd_c = rstd.contiguous();
+  const Tensor ds = has_ds ? *grad_summed : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "llmfast_rms_norm_bwd_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    acc_t* pw = weight_grad ? dw_part.mutable_data_ptr<acc_t>() : nullptr;
+    rms_norm_bwd_rows<scalar_t>(grad_out, ds, x, w, rstd_c, dx, pw, blocks);
+    if (pw) sum_partials(pw, blocks.K, N, dw.mutable_data_ptr<acc_t>());
+  });
+  return {dx, dw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llmfast, CPU, m) {
+  m.impl("rms_norm_fwd", &rms_norm_fwd);
+  m.impl("rms_norm_bwd", &rms_norm_bwd);
+}
+
+}  // namespace llmfast::cpu

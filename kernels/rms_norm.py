@@ -1,0 +1,218 @@
+"""RMSNorm with an optional fused residual add, in Triton, forward and backward.
+
+Forward, per row of ``x`` [M, N] (any row stride, unit column stride):
+
+    s    = x + r                     (with a residual: rounded to x's dtype and stored)
+    rstd = 1 / sqrt(sum(s^2) / N + eps),   y = s * rstd * w
+
+fp32 statistics for every input dtype; rstd is saved for backward. An all-zero row
+gives rstd = 1/sqrt(eps) and y = 0.
+
+Backward, with x_hat = s * rstd and g = dy * w:
+
+    dx = rstd * (g - x_hat * mean(g * x_hat)) (+ d_summed)
+    dw = sum_rows dy * x_hat                    (two-stage, see kernels/_norm.py)
+
+Rows up to MAX_FUSED_N are register tiles (several rows per program when short);
+longer rows loop over LOOP_BLOCK_N chunks (two passes each way), re-reading from L2.
+
+Bytes moved (the minimum, for GB/s), with s = itemsize: forward reads x (and r) and
+writes y (and the sum), ``(2 + 2*has_res) * M*N*s``; backward reads x and dy (and
+d_summed) and writes dx, ``(3 + has_ds) * M*N*s``, plus the [G, N] fp32 partials.
+"""
+import triton
+import triton.language as tl
+
+from llmfast.kernels._norm import MAX_FUSED_N, bwd_geometry, fwd_geometry, load_input, partial_grid, to_dtype
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(X_ptr, R_ptr, W_ptr, Y_ptr, S_ptr, Rstd_ptr,
+                         M, N, stride_xm, stride_rm, eps,
+                         HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+                         SINGLE_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # x, r: [M, N] rows at stride_xm / stride_rm; y, s: [M, N] contiguous; rstd: [M] fp32
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    if SINGLE_PASS:
+        rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        col_ok = cols < N
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = load_input(X_ptr, R_ptr, S_ptr, rows[:, None] * stride_xm + cols[None, :],
+                        rows[:, None] * stride_rm + cols[None, :], rows[:, None] * N + cols[None, :], mask,
+                        HAS_RES, True)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+        y = x * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(W_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y_ptr + rows[:, None] * N + cols[None, :], to_dtype(y, Y_ptr.dtype.element_ty), mask=mask)
+        tl.store(Rstd_ptr + rows, rstd, mask=row_ok)
+    else:
+        row = pid.to(tl.int64)
+        x_row = row * stride_xm
+        r_row = row * stride_rm
+        o_row = row * N
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            x = load_input(X_ptr, R_ptr, S_ptr, x_row + c, r_row + c, o_row + c, c < N, HAS_RES, True)
+            acc += x * x
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            cm = c < N
+            y = load_input(X_ptr, R_ptr, S_ptr, x_row + c, r_row + c, o_row + c, cm, HAS_RES, False) * rstd
+            if HAS_W:
+                y = y * tl.load(W_ptr + c, mask=cm, other=0.0).to(tl.float32)
+            tl.store(Y_ptr + o_row + c, to_dtype(y, Y_ptr.dtype.element_ty), mask=cm)
+        tl.store(Rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(X_ptr, W_ptr, DY_ptr, DS_ptr, DX_ptr, Rstd_ptr, DW_ptr,
+                         M, N, stride_xm, stride_dym, stride_dsm, tiles_per_prog,
+                         HAS_DS: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr,
+                         SINGLE_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # x, dy, ds: [M, N] at their row strides; dx: [M, N] contiguous; DW: [G, N] fp32 partials,
+    # row pid owned by this program (no atomics).
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    first = pid.to(tl.int64) * tiles_per_prog  # int64: the loop index addresses rows
+    if SINGLE_PASS:
+        col_ok = cols < N
+        if HAS_W:
+            w = tl.load(W_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        dw_acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        last = tl.minimum(first + tiles_per_prog, tl.cdiv(M, BLOCK_M))
+        for t in range(first, last):
+            rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = rows < M
+            mask = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(X_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY_ptr + rows[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(Rstd_ptr + rows, mask=row_ok, other=0.0)
+            xh = x * rstd[:, None]
+            g = dy
+            if HAS_W:
+                g = dy * w
+            c2 = tl.sum(g * xh, axis=1) / N
+            dx = (g - xh * c2[:, None]) * rstd[:, None]
+            if HAS_DS:
+                dx += tl.load(DS_ptr + rows[:, None] * stride_dsm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX_ptr + rows[:, None] * N + cols[None, :], to_dtype(dx, DX_ptr.dtype.element_ty), mask=mask)
+            if NEED_DW:
+                dw_acc += dy * xh
+        if NEED_DW:
+            tl.store(DW_ptr + pid.to(tl.int64) * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+    else:
+        # one row at a time, streamed twice; the program's partial row (zeroed by the
+        # launcher) is read-modified-written in place, each element by the same thread
+        p_row = pid.to(tl.int64) * N
+        last = tl.minimum(first + tiles_per_prog, M)
+        for r in range(first, last):
+            row = r
+            rstd = tl.load(Rstd_ptr + row)
+            acc = tl.zeros([BLOCK_N], tl.float32)
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                cm = c < N
+                xh = tl.load(X_ptr + row * stride_xm + c, mask=cm, other=0.0).to(tl.float32) * rstd
+                dy = tl.load(DY_ptr + row * stride_dym + c, mask=cm, other=0.0).to(tl.float32)
+                g = dy
+                if HAS_W:
+                    g = dy * tl.load(W_ptr + c, mask=cm, other=0.0).to(tl.float32)
+                acc += g * xh
+                if NEED_DW:
+                    tl.store(DW_ptr + p_row + c, tl.load(DW_ptr + p_row + c, mask=cm, other=0.0) + dy * xh, mask=cm)
+            c2 = tl.sum(acc, axis=0) / N
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                cm = c < N
+                xh = tl.load(X_ptr + row * stride_xm + c, mask=cm, other=0.0).to(tl.float32) * rstd
+                dy = tl.load(DY_ptr + row * stride_dym + c, mask=cm, other=0.0).to(tl.float32)
+                g = dy
+                if HAS_W:
+                    g = dy * tl.load(W_ptr + c, mask=cm, other=0.0).to(tl.float32)
+                dx = (g - xh * c2) * rstd
+                if HAS_DS:
+                    dx += tl.load(DS_ptr + row * stride_dsm + c, mask=cm, other=0.0).to(tl.float32)
+                tl.store(DX_ptr + row * N + c, to_dtype(dx, DX_ptr.dtype.element_ty), mask=cm)
+
+
+# ----------------------------------------------------------------------------------
+# Launchers
+
+
+def rms_norm_fwd(x, residual, weight, eps):
+    """x: [M, N] (unit column stride); returns (y, summed or empty, rstd)."""
+    import torch
+
+    M, N = x.shape
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    s = torch.empty((M, N) if residual is not None else (0,), device=x.device, dtype=x.dtype)
+    rstd = torch.empty((M,), device=x.device, dtype=torch.float32)
+    if M == 0:
+        return y, s, rstd
+    single, block_m, block_n, num_warps = fwd_geometry(N)
+    r = residual if residual is not None else x
+    _rms_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+        x, r, weight if weight is not None else x, y, s if residual is not None else y, rstd,
+        M, N, x.stride(0), r.stride(0), float(eps),
+        HAS_RES=residual is not None, HAS_W=weight is not None,
+        SINGLE_PASS=single, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return y, s, rstd
+
+
+def rms_norm_bwd(dy, ds, x, weight, rstd, weight_grad):
+    """Returns (dx [M, N], dw [N] fp32 or empty)."""
+    import torch
+
+    M, N = x.shape
+    dx = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    if M == 0:
+        return dx, torch.zeros((N if weight_grad else 0,), **f32)
+    single, block_m, block_n, num_warps = bwd_geometry(N)
+    num_tiles = triton.cdiv(M, block_m)
+    G, tpp = partial_grid(num_tiles, N, x.device)
+    dw_part = (torch.empty if single else torch.zeros)((G, N), **f32) if weight_grad else rstd
+    _rms_norm_bwd_kernel[(G,)](
+        x, weight if weight is not None else x, dy, ds if ds is not None else dy, dx, rstd, dw_part,
+        M, N, x.stride(0), dy.stride(0), ds.stride(0) if ds is not None else 0, tpp,
+        HAS_DS=ds is not None, HAS_W=weight is not None, NEED_DW=bool(weight_grad),
+        SINGLE_PASS=single, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    dw = dw_part.sum(0) if weight_grad else torch.empty((0,), **f32)  # fixed-order second stage
+    return dx, dw
+
+
+def _compile_configs():
+    """Every (kernel, signature, constexprs, options) the launchers can produce, for compile tests.
+
+    Block shapes: the many-rows tile (N=1), the largest one-row tile and the streamed
+    path; flags: each on and off (all off, all on, and weight without residual).
+    """
+    out = []
+    for dt in ("fp32", "fp16", "bf16"):
+        for wdt in sorted({dt, "fp32"}):
+            for n in (1, MAX_FUSED_N, MAX_FUSED_N + 1):
+                single, bm, bn, warps = fwd_geometry(n)
+                for res, w in ((False, False), (True, True), (False, True)):
+                    sig = {"X_ptr": f"*{dt}", "R_ptr": f"*{dt}", "W_ptr": f"*{wdt}", "Y_ptr": f"*{dt}",
+                           "S_ptr": f"*{dt}", "Rstd_ptr": "*fp32", "M": "i32", "N": "i32",
+                           "stride_xm": "i64", "stride_rm": "i64", "eps": "fp32"}
+                    out.append((_rms_norm_fwd_kernel, sig,
+                                dict(HAS_RES=res, HAS_W=w, SINGLE_PASS=single, BLOCK_M=bm, BLOCK_N=bn),
+                                dict(num_warps=warps)))
+                single, bm, bn, warps = bwd_geometry(n)
+                for ds, w, dw in ((False, False, False), (True, True, True), (False, True, True)):
+                    sig = {"X_ptr": f"*{dt}", "W_ptr": f"*{wdt}", "DY_ptr": f"*{dt}", "DS_ptr": f"*{dt}",
+                           "DX_ptr": f"*{dt}", "Rstd_ptr": "*fp32", "DW_ptr": "*fp32", "M": "i32", "N": "i32",
+                           "stride_xm": "i64", "stride_dym": "i64", "stride_dsm": "i64", "tiles_per_prog": "i32"}
+                    out.append((_rms_norm_bwd_kernel, sig,
+                                dict(HAS_DS=ds, HAS_W=w, NEED_DW=dw, SINGLE_PASS=single, BLOCK_M=bm, BLOCK_N=bn),
+                                dict(num_warps=warps)))
+    return out
+
+
+COMPILE_CONFIGS = _compile_configs
