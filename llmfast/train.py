@@ -291,6 +291,12 @@ def _peak_rss_mb() -> float | None:
         return None
 
 
+def _ppl(mean_loss: float) -> float:
+    import llmfast
+
+    return float(llmfast.perplexity(torch.tensor(mean_loss)))
+
+
 def _fmt_curve(curve) -> str:
     lines = [f"{'step':>7} {'tokens':>11} {'train loss':>11} {'val loss':>9} {'val ppl':>9}"]
     for c in curve:
@@ -372,8 +378,8 @@ def cmd_train(args) -> int:
     with llmfast.backend(args.backend):
         if not curve:  # the curve starts at the untrained model
             v = evaluate(model, data, h, device, args.autocast)
-            curve.append(dict(step=0, tokens=0, train_loss=None, val_loss=v, val_ppl=math.exp(v)))
-            say(f"step {0:>6} | val loss {v:.4f} | val ppl {math.exp(v):8.3f}")
+            curve.append(dict(step=0, tokens=0, train_loss=None, val_loss=v, val_ppl=_ppl(v)))
+            say(f"step {0:>6} | val loss {v:.4f} | val ppl {_ppl(v):8.3f}")
         model.train()
         t_train, n_train, recent = 0.0, 0, []
         win_t, win_tok = time.perf_counter(), 0
@@ -399,9 +405,9 @@ def cmd_train(args) -> int:
             if done % h["eval_interval"] == 0 or done == h["steps"]:
                 v = evaluate(model, data, h, device, args.autocast)
                 train_loss = sum(recent) / len(recent)
-                curve.append(dict(step=done, tokens=tokens, train_loss=train_loss, val_loss=v, val_ppl=math.exp(v)))
+                curve.append(dict(step=done, tokens=tokens, train_loss=train_loss, val_loss=v, val_ppl=_ppl(v)))
                 say(f"step {done:>6} | train loss {train_loss:.4f} | val loss {v:.4f} | "
-                    f"val ppl {math.exp(v):8.3f} | {tok_per_step * n_train / max(t_train, 1e-9):,.0f} tok/s")
+                    f"val ppl {_ppl(v):8.3f} | {tok_per_step * n_train / max(t_train, 1e-9):,.0f} tok/s")
                 checkpoint(done)
     if bar:
         bar.close()

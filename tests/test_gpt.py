@@ -9,7 +9,7 @@ from llmfast.models import GPT, GPTConfig
 from llmfast.train import ByteData, _make_optimizer, _train_step, evaluate
 
 # The ops a GPT step runs; a backend takes part in the convergence test when it runs all of them.
-GPT_OPS = ("layer_norm", "rms_norm", "attention", "cross_entropy", "softmax")
+GPT_OPS = ("layer_norm", "rms_norm", "attention", "fused_linear_cross_entropy", "softmax")
 
 
 @pytest.fixture(autouse=True)
