@@ -56,7 +56,22 @@ class Zoo(torch.nn.Module):
         return self.head(x) + self.gate(x)
 
 
-def test_torch_modules_match_and_undo():
+def _zoo_backends():
+    out = []
+    for name in llmfast.backends.BACKENDS:
+        whys = [llmfast.backends.why_not(op, name, "cpu") for op in ("attention", "layer_norm", "rms_norm", "softmax")]
+        why = next((w for w in whys if w), None)
+        out.append(pytest.param(name, id=name, marks=[pytest.mark.skip(reason=f"{name}: {why}")] if why else []))
+    return out
+
+
+@pytest.mark.parametrize("backend", _zoo_backends())
+def test_torch_modules_match_and_undo(backend):
+    with llmfast.backend(backend):
+        _torch_modules_match_and_undo()
+
+
+def _torch_modules_match_and_undo():
     model = Zoo()
     ref = copy.deepcopy(model)
     x = torch.randn(2, 7, 16)
@@ -146,6 +161,12 @@ HF_CONFIGS = {
     "gpt2": lambda T: T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                                    embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),
 }
+
+
+@pytest.mark.parametrize("backend", _zoo_backends())
+def test_hf_llama_each_backend(backend, monkeypatch):
+    with llmfast.backend(backend):
+        test_hf_model_logits_grads_and_undo("llama", monkeypatch)
 
 
 @pytest.mark.parametrize("family", list(HF_CONFIGS))

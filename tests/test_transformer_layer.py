@@ -109,3 +109,23 @@ def test_dropout_trains_and_is_off_in_eval():
     ours.eval()
     ref.eval()
     torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=RTOL)
+
+
+def _layer_backends():
+    out = []
+    for name in llmfast.backends.BACKENDS:
+        whys = [llmfast.backends.why_not(op, name, "cpu") for op in ("attention", "layer_norm")]
+        why = next((w for w in whys if w), None)
+        out.append(pytest.param(name, id=name, marks=[pytest.mark.skip(reason=f"{name}: {why}")] if why else []))
+    return out
+
+
+@pytest.mark.parametrize("backend", _layer_backends())
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_each_backend(backend, norm_first):
+    # the tiniest shapes: the Triton kernels run interpreted here
+    ours, ref = _pair(batch_first=True, norm_first=norm_first, activation="gelu")
+    x = torch.randn(2, 5, D)
+    with llmfast.backend(backend):
+        for kind in ("none", "causal+padding"):
+            _check(ours, ref, x, _masks(kind, 2, 5))
