@@ -7,6 +7,8 @@ from llmfast.backends import BackendUnavailableError, available, backend
 from llmfast import ops  # noqa: E402
 from llmfast import nn  # noqa: E402
 from llmfast.nn.functional import perplexity  # noqa: E402
+from llmfast.patch import PatchHandle, patch  # noqa: E402  (binds llmfast.patch to the function)
 
 __version__ = "0.1.0"
-__all__ = ["backend", "available", "backends", "BackendUnavailableError", "nn", "ops", "perplexity", "__version__"]
+__all__ = ["backend", "available", "backends", "BackendUnavailableError", "nn", "ops", "perplexity", "patch",
+           "PatchHandle", "__version__"]
