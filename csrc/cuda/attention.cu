@@ -101,29 +101,36 @@ struct AttnParams {
 };
 
 // ------------------------------------------------------------------------------------------
-// Dropout: a counter-based hash of (seed, b*H + h, i, j), so the backward regenerates the
-// forward's keep mask from the same four numbers with no stored state. Each step is the
-// murmur3 32-bit finaliser (a bijection with full avalanche); the row part is computed once
-// per query row, the column part once per element.
+// Dropout: the draw csrc/ops.cpp pins for every backend (llmfast.reference.dropout_keep is
+// the executable spec): element (b, h, i, j) is kept iff word 0 of Philox4x32-10 with
+// counter (j, i, b*H + h, 0) and key (seed lo, seed hi) is >= floor(p * 2^32). Counter-based,
+// so the backward regenerates the forward's mask from the indices alone; the same seed
+// gives the same mask on the cpu, triton and cuda backends.
 // ------------------------------------------------------------------------------------------
-__host__ __device__ __forceinline__ uint32_t fmix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x85ebca6bu;
-  x ^= x >> 13;
-  x *= 0xc2b2ae35u;
-  x ^= x >> 16;
-  return x;
+struct DropKey {
+  uint32_t k0 = 0, k1 = 0, bh = 0, i = 0;  // the per-row part of key and counter
+};
+
+__host__ __device__ __forceinline__ DropKey dropout_row_key(uint64_t seed, uint32_t bh, uint32_t i) {
+  return {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), bh, i};
 }
 
-__host__ __device__ __forceinline__ uint32_t dropout_row_key(uint64_t seed, uint32_t bh, uint32_t i) {
-  uint32_t x = fmix32(static_cast<uint32_t>(seed) ^ 0x9e3779b9u);
-  x = fmix32(x ^ static_cast<uint32_t>(seed >> 32));
-  x = fmix32(x ^ bh);
-  return fmix32(x + i * 0x7f4a7c15u);
-}
-
-__host__ __device__ __forceinline__ uint32_t dropout_bits(uint32_t row_key, uint32_t j) {
-  return fmix32(row_key ^ fmix32(j * 0x9e3779b9u + 0x632be5abu));
+__host__ __device__ __forceinline__ uint32_t dropout_bits(const DropKey& r, uint32_t j) {
+  uint32_t c0 = j, c1 = r.i, c2 = r.bh, c3 = 0u, k0 = r.k0, k1 = r.k1;
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -488,7 +495,7 @@ __global__ void __launch_bounds__(FwdCfg<T, HD>::NT) _attention_fwd_kernel(const
   float m_i[2] = {-INFINITY, -INFINITY};  // running row max (log2 domain)
   float l_i[2] = {0.f, 0.f};              // running row sum, this lane's columns only
   const int i_row[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
-  uint32_t rkey[2] = {0u, 0u};
+  DropKey rkey[2] = {};
   if (p.has_dropout) {
     rkey[0] = dropout_row_key(p.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i_row[0]));
     rkey[1] = dropout_row_key(p.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i_row[1]));
@@ -701,7 +708,7 @@ __global__ void __launch_bounds__(BwdKVCfg<T, HD>::NT) _attention_bwd_dkdv_kerne
           const int il = q_off + nb * 8 + 2 * t + e;  // query within the tile (a column of S^T)
           const int i = m0 + il;
           const float lse2 = sLse2[il], dl = sDelta[il];
-          const uint32_t rkey = p.has_dropout ? dropout_row_key(p.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i)) : 0u;
+          const DropKey rkey = p.has_dropout ? dropout_row_key(p.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i)) : DropKey{};
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int j = j_row[r];
@@ -786,7 +793,7 @@ __global__ void __launch_bounds__(BwdQCfg<T, HD>::NT) _attention_bwd_dq_kernel(c
 
   const int i_row[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
   float lse2[2], dl[2];
-  uint32_t rkey[2];
+  DropKey rkey[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     lse2[r] = INFINITY;
@@ -796,7 +803,7 @@ __global__ void __launch_bounds__(BwdQCfg<T, HD>::NT) _attention_bwd_dq_kernel(c
       lse2[r] = lse == -INFINITY ? INFINITY : lse * kLog2e;
       dl[r] = p.delta[static_cast<int64_t>(bh) * p.L + i_row[r]];
     }
-    rkey[r] = p.has_dropout ? dropout_row_key(p.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i_row[r])) : 0u;
+    rkey[r] = p.has_dropout ? dropout_row_key(p.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i_row[r])) : DropKey{};
   }
 
   float acc_dq[HD / 8][4];
@@ -960,8 +967,7 @@ inline int attention_bwd_smem(DType dt, int D, int Dv) {
   return a > b ? a : b;
 }
 
-// Dropout keep threshold: keep iff 32 random bits >= round(p * 2^32), i.e. with probability 1 - p
-// up to 2^-32.
+// Dropout keep threshold: keep iff the 32-bit draw >= floor(p * 2^32) (the reference's rule).
 inline void set_dropout(AttnParams& p, double dropout_p, uint64_t seed) {
   p.seed = seed;
   p.has_dropout = dropout_p > 0.0;
@@ -970,7 +976,7 @@ inline void set_dropout(AttnParams& p, double dropout_p, uint64_t seed) {
     p.rp_keep = 1.f;
     return;
   }
-  const double thr = std::floor(dropout_p * 4294967296.0 + 0.5);
+  const double thr = std::floor(dropout_p * 4294967296.0);
   p.drop_threshold = thr >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(thr);
   p.rp_keep = dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.f;
 }

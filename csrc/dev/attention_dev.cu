@@ -159,7 +159,7 @@ static RefOut reference(const Problem& P, const HostTensors& X) {
         for (int j = 0; j < S; ++j) sum += std::exp(x[j] - mx);
         const double lse = mx + std::log(sum);
         r.lse[row] = lse;
-        const uint32_t rk = dropout_row_key(P.seed, static_cast<uint32_t>(b * H + h), static_cast<uint32_t>(i));
+        const DropKey rk = dropout_row_key(P.seed, static_cast<uint32_t>(b * H + h), static_cast<uint32_t>(i));
         for (int j = 0; j < S; ++j) {
           pr[j] = std::exp(x[j] - lse);
           z[j] = 1.0;
@@ -463,7 +463,7 @@ static bool check_dropout_hash() {
   int64_t kept = 0, n = 0;
   for (uint32_t bh = 0; bh < 4; ++bh)
     for (uint32_t i = 0; i < 256; ++i) {
-      const uint32_t rk = dropout_row_key(42, bh, i);
+      const DropKey rk = dropout_row_key(42, bh, i);
       for (uint32_t j = 0; j < 256; ++j, ++n) kept += dropout_bits(rk, j) >= p.drop_threshold;
     }
   const double frac = static_cast<double>(kept) / n;
