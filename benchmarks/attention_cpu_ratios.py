@@ -2,11 +2,14 @@
 eager ``softmax(q@kᵀ·scale)@v``, forward and forward+backward, with peak memory.
 
     python -m llmfast.benchmarks.attention_cpu_ratios [--B 1 --H 8 --L 2048 --D 64 --rounds 7]
+        [--threads N] [--clock wall|cpu]
 
-Providers run interleaved (A, B, C, A, B, C, ...) and the minimum and median wall time
-of each is reported: on a shared machine the minimum is the best estimate of the
-uncontended time, and interleaving exposes every provider to the same load. Peak
-memory is :func:`llmfast.bench.peak_memory_mb` (extra resident memory above the inputs).
+Providers run interleaved (A, B, C, A, B, C, ...) and the minimum and median time of
+each is reported: on a shared machine the minimum is the best estimate of the
+uncontended time, and interleaving exposes every provider to the same load.
+``--clock cpu --threads 1`` times process CPU time on one thread, which other
+processes on an oversubscribed machine do not inflate. Peak memory is
+:func:`llmfast.bench.peak_memory_mb` (extra resident memory above the inputs).
 """
 import argparse
 import statistics
@@ -60,12 +63,19 @@ def main(argv=None):
     p.add_argument("--L", type=int, default=2048)
     p.add_argument("--D", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: time.perf_counter; cpu: time.process_time (use with --threads 1)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    clock = time.perf_counter if a.clock == "wall" else time.process_time
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(a.B, a.H, a.L, a.D, generator=g) for _ in range(4))
     for t in (q, k, v):
         t.requires_grad_(True)
-    print(f"fp32 B={a.B} H={a.H} L=S={a.L} D={a.D}, {torch.get_num_threads()} threads, {a.rounds} interleaved rounds")
+    print(f"fp32 B={a.B} H={a.H} L=S={a.L} D={a.D}, {torch.get_num_threads()} threads, {a.clock} clock, "
+          f"{a.rounds} interleaved rounds")
     print(f"{'case':<18}{'provider':<18}{'min ms':>9}{'median ms':>11}{'peak MB':>9}"
           f"{'cpu vs this (min)':>19}{'(median)':>10}")
     for mode in ("fwd", "fwd+bwd"):
@@ -76,9 +86,9 @@ def main(argv=None):
                 fn()  # warm-up
             for _ in range(a.rounds):
                 for name, fn in fns.items():
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     fn()
-                    times[name].append((time.perf_counter() - t0) * 1e3)
+                    times[name].append((clock() - t0) * 1e3)
             peaks = {name: peak_memory_mb(fn, "cpu") for name, fn in fns.items()}
             ours_min, ours_med = min(times["llmfast:cpu"]), statistics.median(times["llmfast:cpu"])
             case = f"{mode}{' causal' if causal else ''}"
