@@ -403,7 +403,7 @@ void fwd_impl(const Problem& P, const Tensor& q, const Tensor& kT, const View& v
         }
         first = false;
       }
-      if (first) {  // no key at all (S = 0, or causal with ... nothing): zeros
+      if (first) {  // no key block at all (S = 0): zeros
         for (int64_t r = 0; r < mb; ++r) std::fill(O + r * Dv, O + r * Dv + Dv, 0.f);
       }
       float* lrow_out = lsep + bh * L + i0;
