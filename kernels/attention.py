@@ -29,7 +29,8 @@ the same draw as the C++ kernel and ``llmfast.reference.dropout_keep``, regenera
 by the backward kernels from (seed, index).
 
 FLOPs (standard count): forward 4·B·H·L·S·D (halved for causal), backward 2.5×.
-Bytes: q, k, v read and out written once per query block (k, v once per block).
+Bytes: q read and out written once; k and v re-read once per query block (from L2 when
+they fit).
 
 fp32 inputs use ``input_precision="ieee"`` dots (tf32 would be less accurate than
 torch's fp32 matmul); fp16/bf16 inputs run tensor-core dots (wgmma on sm_90) with

@@ -25,6 +25,8 @@
 // >= floor(p·2^32) — the same draw as the Triton kernel and llmfast.reference —
 // so backward regenerates the forward's mask from the seed.
 #include <ATen/Parallel.h>
+
+#include <atomic>
 #include <torch/library.h>
 
 #include "cpu/row.h"
@@ -281,9 +283,22 @@ inline int64_t visible(bool causal, int64_t i, int64_t j0, int64_t nb) {
   return causal ? std::clamp<int64_t>(i - j0 + 1, 0, nb) : nb;
 }
 
-// Order tasks so that each thread's contiguous chunk mixes cheap and expensive
-// causal tiles: t -> 0, n-1, 1, n-2, ... (at::parallel_for splits ranges statically).
-inline int64_t zigzag(int64_t t, int64_t n) { return (t & 1) ? n - 1 - t / 2 : t / 2; }
+// Run `worker(next)` once on each at::parallel_for thread; next() hands out task ids
+// 0 .. n-1 one at a time from a shared counter (-1 when none are left). Unlike
+// parallel_for's static split into n/threads chunks, a thread that is descheduled (a
+// shared machine) or draws the expensive causal tiles delays only its current task.
+// Every task writes its own outputs, so results do not depend on who ran which task.
+template <typename Worker>
+void parallel_tasks(int64_t n, const Worker& worker) {
+  if (n <= 0) return;
+  std::atomic<int64_t> counter{0};
+  const auto next = [&counter, n]() -> int64_t {
+    const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
+    return t < n ? t : -1;
+  };
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(next); });
+}
 
 // ---------------------------------------------------------------------------------
 // Forward
@@ -299,10 +314,15 @@ void fwd_impl(const Problem& P, const Tensor& q, const Tensor& kT, const View& v
   const int64_t sqb = q.stride(0), sqh = q.stride(1), sql = q.stride(2);
   constexpr bool direct = std::is_same_v<scalar_t, float>;  // accumulate straight into out
 
-  at::parallel_for(0, B * H * nmt, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf(BM * D), sbuf(BM * BN), obuf(direct ? 0 : BM * Dv), mrow(BM), lrow(BM), zdrop(P.drop.on ? BN : 0);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / nmt, mt = P.causal ? zigzag(t % nmt, nmt) : t % nmt;
+  const int64_t BH = B * H;
+  parallel_tasks(BH * nmt, [&](const auto& next) {
+    std::vector<float> qbuf(BM * D), sbuf(BM * BN), obuf(direct ? 0 : BM * Dv), mrow(BM), lrow(BM),
+        zdrop(P.drop.on ? BN : 0);
+    for (int64_t t; (t = next()) >= 0;) {
+      // causal: the costliest query tiles (they see the most keys) go first, so the
+      // tasks left at the end are short; otherwise neighbouring tasks share a kv head
+      const int64_t bh = P.causal ? t % BH : t / nmt;
+      const int64_t mt = P.causal ? nmt - 1 - t / BH : t % nmt;
       const int64_t b = bh / H, h = bh % H, hk = h / P.G;
       const int64_t i0 = mt * BM, mb = std::min(BM, L - i0);
       // q tile [mb, D] as fp32 times the softmax scale: the score GEMM then yields scaled
@@ -383,7 +403,7 @@ void fwd_impl(const Problem& P, const Tensor& q, const Tensor& kT, const View& v
         }
         first = false;
       }
-      if (first) {  // no key at all (S = 0, or causal with ... nothing): zeros
+      if (first) {  // no key block at all (S = 0): zeros
         for (int64_t r = 0; r < mb; ++r) std::fill(O + r * Dv, O + r * Dv + Dv, 0.f);
       }
       float* lrow_out = lsep + bh * L + i0;
@@ -504,10 +524,10 @@ void bwd_impl(const Problem& P, const View& q, const View& k, const View& dO, co
   // 2C+c, ... so causal chunks cost alike) and writes dQ of the group's heads into its
   // own fp32 slice dq_acc[c]: no two threads write the same element, and the slices are
   // summed in a fixed order afterwards, so the result does not depend on scheduling.
-  at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(B * Hkv * chunks, [&](const auto& next) {
     std::vector<float> pbuf(BM_BWD * BN_BWD), dsbuf(BM_BWD * BN_BWD), dkb(BN_BWD * D), dvb(BN_BWD * Dv),
         zdrop(P.drop.on ? BN_BWD : 0);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; (task = next()) >= 0;) {
       const int64_t c = task % chunks, bk = task / chunks, b = bk / Hkv, hk = bk % Hkv;
       float* dqc = dq_acc + c * B * H * L * D;
       for (int64_t u = 0;; ++u) {
