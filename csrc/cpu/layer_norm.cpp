@@ -40,7 +40,6 @@ void layer_norm_fwd_rows(const Tensor& x, const Tensor& r, const Tensor& w, cons
   acc_t* mp = mean_t.mutable_data_ptr<acc_t>();
   acc_t* rsp = rstd_t.mutable_data_ptr<acc_t>();
   const acc_t eps = static_cast<acc_t>(eps_d);
-  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
 
   with_flags(wp != nullptr, bp != nullptr, [&](auto has_w, auto has_b) {
     constexpr bool HW = decltype(has_w)::value, HB = decltype(has_b)::value;
@@ -49,13 +48,8 @@ void layer_norm_fwd_rows(const Tensor& x, const Tensor& r, const Tensor& w, cons
       for (int64_t m = begin; m < end; ++m) {
         const acc_t* xr = norm_input_row<scalar_t, acc_t>(xp + m * sx, rp ? rp + m * sr : nullptr,
                                                           sp ? sp + m * N : nullptr, N, in_buf.data(), in_buf2.data());
-        const acc_t m0 = row_sum(xr, N) * inv_n;
-        acc_t d1, d2;
-        row_shifted_moments(xr, N, m0, d1, d2);
-        const acc_t dm = d1 * inv_n;
-        const acc_t mu = m0 + dm;
-        // max(., 0) only clips rounding below zero; a NaN variance stays NaN (std::max keeps arg 1)
-        const acc_t var = std::max(d2 * inv_n - dm * dm, acc_t(0));
+        acc_t mu, var;
+        row_mean_var(xr, N, mu, var);
         const acc_t rs = acc_t(1) / std::sqrt(var + eps);
         mp[m] = mu;
         rsp[m] = rs;

@@ -180,6 +180,33 @@ inline void row_shifted_moments(const T* x, int64_t n, T shift, T& s1, T& s2) {
   s2 = hsum(t2);
 }
 
+// Mean and (biased) variance of a row. Each kChunk-element chunk is summed, then its
+// moments are taken about that chunk mean while the chunk is still in L1; chunks merge
+// with Chan's pairwise formula. So a row longer than L1 (32768 fp32 = 128 KB) is read
+// from memory once for its statistics, the variance has no E[x^2] - E[x]^2 cancellation
+// (rows like 1000 + noise), and a constant row gives exactly mean = x, var = 0.
+template <typename T>
+inline void row_mean_var(const T* x, int64_t n, T& mean, T& var) {
+  T cnt = 0, mu = 0, m2 = 0;
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t len = std::min(kChunk, n - c);
+    const T nb = static_cast<T>(len);
+    const T m0 = row_sum(x + c, len) / nb;
+    T d1, d2;
+    row_shifted_moments(x + c, len, m0, d1, d2);
+    const T dm = d1 / nb;
+    const T mb = m0 + dm;                      // the chunk mean (exact for a constant chunk)
+    const T m2b = std::max(d2 - d1 * dm, T(0));  // sum((x - mb)^2)
+    const T tot = cnt + nb;
+    const T delta = mb - mu;
+    mu = mu + delta * (nb / tot);
+    m2 = m2 + m2b + delta * delta * (cnt * nb / tot);
+    cnt = tot;
+  }
+  mean = mu;
+  var = m2 / cnt;
+}
+
 template <typename T>
 inline T row_sumsq(const T* x, int64_t n) {
   using Vec = Vectorized<T>;
