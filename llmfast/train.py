@@ -37,9 +37,9 @@ FORMAT = "llmfast-gpt-1"
 
 # Hyper-parameters, and what a plain `llmfast train` uses. The parser's defaults are None
 # so that a resumed run can tell what the user asked for from what the checkpoint says.
-MODEL_DEFAULTS = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, norm="layernorm", pos_embedding="learned",
+MODEL_DEFAULTS = dict(n_layer=4, n_head=4, n_embd=128, block_size=256, norm="layernorm", pos_embedding="learned",
                       dropout=0.0)
-TRAIN_DEFAULTS = dict(steps=300, batch_size=16, optimizer="adamw", lr=3e-3, min_lr=3e-4, warmup=30,
+TRAIN_DEFAULTS = dict(steps=300, batch_size=8, optimizer="adamw", lr=3e-3, min_lr=3e-4, warmup=30,
                       weight_decay=0.1, momentum=0.9, grad_clip=1.0, eval_interval=50, eval_batches=8,
                       val_fraction=0.1, seed=1337)
 DEFAULT_CORPUS_MB = 4.0

@@ -150,6 +150,25 @@ def test_torch_compile_fullgraph_trains():
                                atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_torch_compile_inductor_trains():
+    """The real thing: Inductor codegen around llmfast's opaque ops (about a minute on 2 cores)."""
+    torch._dynamo.reset()
+    model = GPT(tiny())
+    idx = torch.randint(0, 256, (2, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with llmfast.backend("cpu"):
+        compiled = torch.compile(model, fullgraph=True)
+        losses = []
+        for _ in range(3):
+            _, loss = compiled(idx, idx.roll(-1, 1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
 def test_autocast_bf16():
     torch.manual_seed(0)
     model = GPT(tiny())

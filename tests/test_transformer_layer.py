@@ -129,3 +129,13 @@ def test_each_backend(backend, norm_first):
     with llmfast.backend(backend):
         for kind in ("none", "causal+padding"):
             _check(ours, ref, x, _masks(kind, 2, 5))
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_autocast_bf16(norm_first):
+    ours, ref = _pair(batch_first=True, norm_first=norm_first)
+    x = torch.randn(2, 5, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = ours(x), ref(x)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.05)

@@ -44,6 +44,14 @@ def _mha_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], b
     return out
 
 
+def _add_norm(delta: Tensor, residual: Tensor, ln: torch.nn.LayerNorm) -> tuple[Tensor, Tensor]:
+    """(ln(residual + delta), residual + delta) in one fused pass. Under autocast a branch
+    comes back in bf16/fp16 while the residual stream is fp32: the sum is taken in the promoted
+    dtype, as torch's ``x + branch`` would."""
+    dt = torch.promote_types(delta.dtype, residual.dtype)
+    return F.layer_norm(delta.to(dt), ln.normalized_shape, ln.weight, ln.bias, ln.eps, residual=residual.to(dt))
+
+
 class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     """:class:`torch.nn.TransformerEncoderLayer` built from llmfast attention and LayerNorm.
 
@@ -85,14 +93,12 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
             # x + sa(norm1(x)), then (x + sa) + ff(norm2(x + sa)): the first sum is fused into norm2.
             a = self._llmfast_sa(F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps),
                                  src_mask, src_key_padding_mask, is_causal)
-            h, x = F.layer_norm(a, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps, residual=x)
+            h, x = _add_norm(a, x, ln2)
             out = x + self._ff_block(h)
         else:
             # norm1(x + sa(x)), then norm2(h + ff(h)): both sums fused into their norms.
-            a = self._llmfast_sa(x, src_mask, src_key_padding_mask, is_causal)
-            h, _ = F.layer_norm(a, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps, residual=x)
-            out, _ = F.layer_norm(self._ff_block(h), ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps,
-                                  residual=h)
+            h, _ = _add_norm(self._llmfast_sa(x, src_mask, src_key_padding_mask, is_causal), x, ln1)
+            out, _ = _add_norm(self._ff_block(h), h, ln2)
         if not self.self_attn.batch_first:
             out = out.transpose(0, 1)
         return out.squeeze(0 if self.self_attn.batch_first else 1) if unbatched else out
