@@ -22,6 +22,7 @@ import math
 import os
 import pickle
 import random
+import statistics
 import sys
 import sysconfig
 import time
@@ -438,44 +439,49 @@ def _compare(args, model_cfg, h, device) -> int:
     steps = min(h["steps"], args.compare_steps)
     tok_per_step = h["batch_size"] * model_cfg["block_size"]
     print(f"llmfast train --compare: {where}; GPT {model_cfg}; batch {h['batch_size']} x {model_cfg['block_size']}; "
-          f"{steps} timed steps per backend{'; torch.compile' if args.compile else ''}")
+          f"{args.compare_rounds} x {steps} timed steps per backend{'; torch.compile' if args.compile else ''}")
     # peak_memory_mb makes glibc return freed blocks to the OS at once (mallopt) on its first
     # call; a heap grown before that keeps freed pages resident, and later steps reuse them
     # without raising the high-water mark. Set that up before any step runs.
     peak_memory_mb(lambda: None, device.type)
-    rows = []
-    for name in names:
-        torch.manual_seed(h["seed"])
+    runs = []
+    for name in dict.fromkeys(names):
+        torch.manual_seed(h["seed"])   # the same initial weights, and the same batches, for every backend
         model = _build_model(model_cfg, device)
-        opt = _make_optimizer(model, h)
-        run_model = torch.compile(model) if args.compile else model
-        state = {"step": 0}
+        runs.append(dict(name=name, model=model, opt=_make_optimizer(model, h), step=0, tps=[],
+                         run=torch.compile(model) if args.compile else model))
 
-        def steps_fn(n):
-            def fn():
-                for _ in range(n):
-                    loss = _train_step(run_model, opt, data, state["step"], h, device, args.autocast)
-                    loss.item()
-                    state["step"] += 1
-                return loss
-            return fn
+    def train_steps(r, n):
+        for _ in range(n):
+            loss = _train_step(r["run"], r["opt"], data, r["step"], h, device, args.autocast)
+            r["loss"] = loss.item()
+            r["step"] += 1
 
-        with llmfast.backend(name):
-            steps_fn(2)()   # warm-up (and compilation)
-            peak = peak_memory_mb(steps_fn(2), device.type)
-            t0 = time.perf_counter()
-            loss = steps_fn(steps)()
-            dt = time.perf_counter() - t0
-        rows.append((name, tok_per_step * steps / dt, peak, loss.item()))
-        del model, opt, run_model
-    base = rows[0]
-    print(f"\n{'backend':<9}{'tokens/s':>11}{'vs ' + base[0]:>10}{'peak MB':>10}{'vs ' + base[0]:>10}{'last loss':>11}")
-    for name, tps, peak, loss in rows:
-        mem = "-" if peak is None else f"{peak:.1f}"
-        mem_ratio = "-" if (peak is None or not base[2]) else f"{peak / base[2]:.2f}x"
-        print(f"{name:<9}{tps:>11,.0f}{tps / base[1]:>9.2f}x{mem:>10}{mem_ratio:>10}{loss:>11.4f}")
-    print("\npeak MB: the training steps' peak resident memory above what was resident before them "
-          "(VmHWM, as llmfast.bench.peak_memory_mb measures it)")
+    for r in runs:
+        with llmfast.backend(r["name"]):
+            train_steps(r, 2)   # warm-up (and compilation)
+            r["peak"] = peak_memory_mb(lambda: train_steps(r, 2), device.type)
+    # Timing rounds alternate the backends, so that a machine whose load changes (other jobs
+    # on a shared box) slows each of them alike; the median round is reported.
+    for _ in range(args.compare_rounds):
+        for r in runs:
+            with llmfast.backend(r["name"]):
+                t0 = time.perf_counter()
+                train_steps(r, steps)
+                r["tps"].append(tok_per_step * steps / (time.perf_counter() - t0))
+    base = runs[0]
+    med = {r["name"]: statistics.median(r["tps"]) for r in runs}
+    print(f"\n{'backend':<9}{'tokens/s':>11}{'(min-max)':>17}{'vs ' + base['name']:>10}{'peak MB':>10}"
+          f"{'vs ' + base['name']:>10}{'loss':>9}")
+    for r in runs:
+        mem = "-" if r["peak"] is None else f"{r['peak']:.1f}"
+        mem_ratio = "-" if (r["peak"] is None or not base["peak"]) else f"{r['peak'] / base['peak']:.2f}x"
+        spread = f"{min(r['tps']):,.0f}-{max(r['tps']):,.0f}"
+        print(f"{r['name']:<9}{med[r['name']]:>11,.0f}{spread:>17}{med[r['name']] / med[base['name']]:>9.2f}x"
+              f"{mem:>10}{mem_ratio:>10}{r['loss']:>9.4f}")
+    print(f"\ntokens/s: median of {args.compare_rounds} alternating rounds of {steps} steps; peak MB: the training "
+          "steps' peak resident memory above what was resident before them (VmHWM, as "
+          "llmfast.bench.peak_memory_mb measures it); loss: after the same steps on the same batches")
     return 0
 
 
@@ -561,7 +567,8 @@ def add_parser(subparsers) -> None:
     r.add_argument("--compare", metavar="BACKENDS",
                    help="comma-separated backends (e.g. torch,cpu): time training steps and measure peak memory "
                         "with each, in this one process, instead of training")
-    r.add_argument("--compare-steps", type=int, default=10, help="timed steps per backend for --compare")
+    r.add_argument("--compare-steps", type=int, default=5, help="timed steps per backend and round for --compare")
+    r.add_argument("--compare-rounds", type=int, default=4, help="alternating timing rounds for --compare")
 
     g = subparsers.add_parser("generate", help="sample text from an `llmfast train` checkpoint",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
