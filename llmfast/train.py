@@ -306,14 +306,36 @@ def _fmt_curve(curve) -> str:
     return "\n".join(lines)
 
 
+def _set_threads(requested, device) -> str:
+    """Set torch's CPU threads; returns a note for the header.
+
+    Without --threads, a machine that is already busy (1-minute load average at or above its
+    core count) trains on one thread: OpenMP's barriers across cores that other processes
+    hold make every small op of a small model wait, and measured here (2 cores, load ~4) one
+    thread ran a step about 4x faster than two.
+    """
+    if requested:
+        torch.set_num_threads(requested)
+        return f"{requested} thread(s)"
+    if device.type != "cpu":
+        return f"{torch.get_num_threads()} CPU thread(s)"
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:
+        return f"{torch.get_num_threads()} thread(s)"
+    if cores > 1 and load >= cores:
+        torch.set_num_threads(1)
+        return f"1 thread (this machine is busy: load {load:.1f} on {cores} cores; --threads N overrides)"
+    return f"{torch.get_num_threads()} thread(s)"
+
+
 def cmd_train(args) -> int:
     import llmfast
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda, but no CUDA GPU is visible")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads_note = _set_threads(args.threads, device)
     out_dir = Path(args.out_dir).expanduser()
     ckpt_path = out_dir / CHECKPOINT_NAME
     ckpt = None
@@ -321,7 +343,7 @@ def cmd_train(args) -> int:
         ckpt = load_checkpoint(ckpt_path if args.resume == "auto" else args.resume)
     model_cfg, h = _resolve_settings(args, ckpt)
     if args.compare:
-        return _compare(args, model_cfg, h, device)
+        return _compare(args, model_cfg, h, device, threads_note)
 
     if ckpt and args.data is None:  # a resumed run reads the corpus it was trained on
         args.data, args.corpus_mb = ckpt.get("data"), ckpt.get("corpus_mb", args.corpus_mb)
@@ -356,7 +378,7 @@ def cmd_train(args) -> int:
     print(f"model: GPT {model.num_params() / 1e6:.2f}M params ({model_cfg['n_layer']} layers, "
           f"{model_cfg['n_head']} heads, {model_cfg['n_embd']} wide, context {model_cfg['block_size']}, "
           f"{model_cfg['norm']}, {model_cfg['pos_embedding']} positions); device {device}; "
-          f"llmfast backend {args.backend}{'; torch.compile' if args.compile else ''}"
+          f"{threads_note}; llmfast backend {args.backend}{'; torch.compile' if args.compile else ''}"
           f"{'; autocast ' + args.autocast if args.autocast else ''}")
     print(f"optimizer: {h['optimizer']} lr {h['lr']:g} -> {h['min_lr']:g} (warm-up {h['warmup']}), "
           f"batch {h['batch_size']} x {model_cfg['block_size']} = {tok_per_step:,} tokens/step, "
@@ -425,7 +447,7 @@ def cmd_train(args) -> int:
 # --compare: tokens/s and peak memory per backend, one process, same model and batches
 
 
-def _compare(args, model_cfg, h, device) -> int:
+def _compare(args, model_cfg, h, device, threads_note) -> int:
     import llmfast
     from llmfast.bench import peak_memory_mb
 
@@ -439,7 +461,8 @@ def _compare(args, model_cfg, h, device) -> int:
     steps = min(h["steps"], args.compare_steps)
     tok_per_step = h["batch_size"] * model_cfg["block_size"]
     print(f"llmfast train --compare: {where}; GPT {model_cfg}; batch {h['batch_size']} x {model_cfg['block_size']}; "
-          f"{args.compare_rounds} x {steps} timed steps per backend{'; torch.compile' if args.compile else ''}")
+          f"{args.compare_rounds} x {steps} timed steps per backend; {threads_note}"
+          f"{'; torch.compile' if args.compile else ''}")
     # peak_memory_mb makes glibc return freed blocks to the OS at once (mallopt) on its first
     # call; a heap grown before that keeps freed pages resident, and later steps reuse them
     # without raising the high-water mark. Set that up before any step runs.
@@ -562,7 +585,8 @@ def add_parser(subparsers) -> None:
     r.add_argument("--device", help="cpu or cuda (default: cuda when visible)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
     r.add_argument("--autocast", choices=("bf16", "fp16"), help="mixed precision")
-    r.add_argument("--threads", type=int, help="torch CPU threads")
+    r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, or 1 when the machine is "
+                                               "already busy)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--compare", metavar="BACKENDS",
                    help="comma-separated backends (e.g. torch,cpu): time training steps and measure peak memory "
