@@ -22,6 +22,7 @@ import math
 import os
 import pickle
 import random
+import statistics
 import sys
 import sysconfig
 import time
@@ -305,14 +306,36 @@ def _fmt_curve(curve) -> str:
     return "\n".join(lines)
 
 
+def _set_threads(requested, device) -> str:
+    """Set torch's CPU threads; returns a note for the header.
+
+    Without --threads, a machine that is already busy (1-minute load average at or above its
+    core count) trains on one thread: OpenMP's barriers across cores that other processes
+    hold make every small op of a small model wait, and measured here (2 cores, load ~4) one
+    thread ran a step about 4x faster than two.
+    """
+    if requested:
+        torch.set_num_threads(requested)
+        return f"{requested} thread(s)"
+    if device.type != "cpu":
+        return f"{torch.get_num_threads()} CPU thread(s)"
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:
+        return f"{torch.get_num_threads()} thread(s)"
+    if cores > 1 and load >= cores:
+        torch.set_num_threads(1)
+        return f"1 thread (this machine is busy: load {load:.1f} on {cores} cores; --threads N overrides)"
+    return f"{torch.get_num_threads()} thread(s)"
+
+
 def cmd_train(args) -> int:
     import llmfast
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda, but no CUDA GPU is visible")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads_note = _set_threads(args.threads, device)
     out_dir = Path(args.out_dir).expanduser()
     ckpt_path = out_dir / CHECKPOINT_NAME
     ckpt = None
@@ -320,7 +343,7 @@ def cmd_train(args) -> int:
         ckpt = load_checkpoint(ckpt_path if args.resume == "auto" else args.resume)
     model_cfg, h = _resolve_settings(args, ckpt)
     if args.compare:
-        return _compare(args, model_cfg, h, device)
+        return _compare(args, model_cfg, h, device, threads_note)
 
     if ckpt and args.data is None:  # a resumed run reads the corpus it was trained on
         args.data, args.corpus_mb = ckpt.get("data"), ckpt.get("corpus_mb", args.corpus_mb)
@@ -355,7 +378,7 @@ def cmd_train(args) -> int:
     print(f"model: GPT {model.num_params() / 1e6:.2f}M params ({model_cfg['n_layer']} layers, "
           f"{model_cfg['n_head']} heads, {model_cfg['n_embd']} wide, context {model_cfg['block_size']}, "
           f"{model_cfg['norm']}, {model_cfg['pos_embedding']} positions); device {device}; "
-          f"llmfast backend {args.backend}{'; torch.compile' if args.compile else ''}"
+          f"{threads_note}; llmfast backend {args.backend}{'; torch.compile' if args.compile else ''}"
           f"{'; autocast ' + args.autocast if args.autocast else ''}")
     print(f"optimizer: {h['optimizer']} lr {h['lr']:g} -> {h['min_lr']:g} (warm-up {h['warmup']}), "
           f"batch {h['batch_size']} x {model_cfg['block_size']} = {tok_per_step:,} tokens/step, "
@@ -424,7 +447,7 @@ def cmd_train(args) -> int:
 # --compare: tokens/s and peak memory per backend, one process, same model and batches
 
 
-def _compare(args, model_cfg, h, device) -> int:
+def _compare(args, model_cfg, h, device, threads_note) -> int:
     import llmfast
     from llmfast.bench import peak_memory_mb
 
@@ -438,44 +461,50 @@ def _compare(args, model_cfg, h, device) -> int:
     steps = min(h["steps"], args.compare_steps)
     tok_per_step = h["batch_size"] * model_cfg["block_size"]
     print(f"llmfast train --compare: {where}; GPT {model_cfg}; batch {h['batch_size']} x {model_cfg['block_size']}; "
-          f"{steps} timed steps per backend{'; torch.compile' if args.compile else ''}")
+          f"{args.compare_rounds} x {steps} timed steps per backend; {threads_note}"
+          f"{'; torch.compile' if args.compile else ''}")
     # peak_memory_mb makes glibc return freed blocks to the OS at once (mallopt) on its first
     # call; a heap grown before that keeps freed pages resident, and later steps reuse them
     # without raising the high-water mark. Set that up before any step runs.
     peak_memory_mb(lambda: None, device.type)
-    rows = []
-    for name in names:
-        torch.manual_seed(h["seed"])
+    runs = []
+    for name in dict.fromkeys(names):
+        torch.manual_seed(h["seed"])   # the same initial weights, and the same batches, for every backend
         model = _build_model(model_cfg, device)
-        opt = _make_optimizer(model, h)
-        run_model = torch.compile(model) if args.compile else model
-        state = {"step": 0}
+        runs.append(dict(name=name, model=model, opt=_make_optimizer(model, h), step=0, tps=[],
+                         run=torch.compile(model) if args.compile else model))
 
-        def steps_fn(n):
-            def fn():
-                for _ in range(n):
-                    loss = _train_step(run_model, opt, data, state["step"], h, device, args.autocast)
-                    loss.item()
-                    state["step"] += 1
-                return loss
-            return fn
+    def train_steps(r, n):
+        for _ in range(n):
+            loss = _train_step(r["run"], r["opt"], data, r["step"], h, device, args.autocast)
+            r["loss"] = loss.item()
+            r["step"] += 1
 
-        with llmfast.backend(name):
-            steps_fn(2)()   # warm-up (and compilation)
-            peak = peak_memory_mb(steps_fn(2), device.type)
-            t0 = time.perf_counter()
-            loss = steps_fn(steps)()
-            dt = time.perf_counter() - t0
-        rows.append((name, tok_per_step * steps / dt, peak, loss.item()))
-        del model, opt, run_model
-    base = rows[0]
-    print(f"\n{'backend':<9}{'tokens/s':>11}{'vs ' + base[0]:>10}{'peak MB':>10}{'vs ' + base[0]:>10}{'last loss':>11}")
-    for name, tps, peak, loss in rows:
-        mem = "-" if peak is None else f"{peak:.1f}"
-        mem_ratio = "-" if (peak is None or not base[2]) else f"{peak / base[2]:.2f}x"
-        print(f"{name:<9}{tps:>11,.0f}{tps / base[1]:>9.2f}x{mem:>10}{mem_ratio:>10}{loss:>11.4f}")
-    print("\npeak MB: the training steps' peak resident memory above what was resident before them "
-          "(VmHWM, as llmfast.bench.peak_memory_mb measures it)")
+    for r in runs:
+        with llmfast.backend(r["name"]):
+            train_steps(r, 2)   # warm-up (and compilation)
+            r["peak"] = peak_memory_mb(lambda: train_steps(r, 2), device.type)
+    # Timing rounds alternate the backends, so that a machine whose load changes (other jobs
+    # on a shared box) slows each of them alike; the median round is reported.
+    for _ in range(args.compare_rounds):
+        for r in runs:
+            with llmfast.backend(r["name"]):
+                t0 = time.perf_counter()
+                train_steps(r, steps)
+                r["tps"].append(tok_per_step * steps / (time.perf_counter() - t0))
+    base = runs[0]
+    med = {r["name"]: statistics.median(r["tps"]) for r in runs}
+    print(f"\n{'backend':<9}{'tokens/s':>11}{'(min-max)':>17}{'vs ' + base['name']:>10}{'peak MB':>10}"
+          f"{'vs ' + base['name']:>10}{'loss':>9}")
+    for r in runs:
+        mem = "-" if r["peak"] is None else f"{r['peak']:.1f}"
+        mem_ratio = "-" if (r["peak"] is None or not base["peak"]) else f"{r['peak'] / base['peak']:.2f}x"
+        spread = f"{min(r['tps']):,.0f}-{max(r['tps']):,.0f}"
+        print(f"{r['name']:<9}{med[r['name']]:>11,.0f}{spread:>17}{med[r['name']] / med[base['name']]:>9.2f}x"
+              f"{mem:>10}{mem_ratio:>10}{r['loss']:>9.4f}")
+    print(f"\ntokens/s: median of {args.compare_rounds} alternating rounds of {steps} steps; peak MB: the training "
+          "steps' peak resident memory above what was resident before them (VmHWM, as "
+          "llmfast.bench.peak_memory_mb measures it); loss: after the same steps on the same batches")
     return 0
 
 
@@ -556,12 +585,14 @@ def add_parser(subparsers) -> None:
     r.add_argument("--device", help="cpu or cuda (default: cuda when visible)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
     r.add_argument("--autocast", choices=("bf16", "fp16"), help="mixed precision")
-    r.add_argument("--threads", type=int, help="torch CPU threads")
+    r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, or 1 when the machine is "
+                                               "already busy)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--compare", metavar="BACKENDS",
                    help="comma-separated backends (e.g. torch,cpu): time training steps and measure peak memory "
                         "with each, in this one process, instead of training")
-    r.add_argument("--compare-steps", type=int, default=10, help="timed steps per backend for --compare")
+    r.add_argument("--compare-steps", type=int, default=5, help="timed steps per backend and round for --compare")
+    r.add_argument("--compare-rounds", type=int, default=4, help="alternating timing rounds for --compare")
 
     g = subparsers.add_parser("generate", help="sample text from an `llmfast train` checkpoint",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)

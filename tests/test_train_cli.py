@@ -80,7 +80,7 @@ def test_backend_flag_and_sgd(corpus, tmp_path, capsys):
 
 
 def test_compare_backends(corpus, tmp_path, capsys):
-    assert _train(corpus, tmp_path / "c", "--compare", "torch,cpu", "--compare-steps", "2") == 0
+    assert _train(corpus, tmp_path / "c", "--compare", "torch,cpu", "--compare-steps", "1", "--compare-rounds", "2") == 0
     out = capsys.readouterr().out
     assert "tokens/s" in out and "peak MB" in out
     assert any(line.startswith("cpu") for line in out.splitlines())
