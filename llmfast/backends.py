@@ -55,6 +55,10 @@ class OpSpec:
     cpu_dtypes: tuple | None = None
     notes: dict = field(default_factory=dict)
 
+    def dtypes_for(self, backend: str) -> tuple:
+        """The dtypes ``backend``'s kernels take (the cpu backend may take more, e.g. float64)."""
+        return self.cpu_dtypes if (backend == "cpu" and self.cpu_dtypes) else self.dtypes
+
 
 OPS: dict[str, OpSpec] = {}
 
@@ -183,17 +187,15 @@ def _resolve_cached(op: str, device_type: str, dtype: torch.dtype, requested: st
 @functools.lru_cache(maxsize=None)
 def _resolve(op: str, device_type: str, dtype: torch.dtype, requested: str) -> str:
     spec = OPS[op]
-    kernel_dtypes = spec.dtypes
     if requested == "auto":
         for name in _AUTO_ORDER.get(device_type, ("torch",)):
-            dtypes = spec.cpu_dtypes if (name == "cpu" and spec.cpu_dtypes) else kernel_dtypes
-            if name == "torch" or (why_not(op, name, device_type) is None and dtype in dtypes):
+            if name == "torch" or (why_not(op, name, device_type) is None and dtype in spec.dtypes_for(name)):
                 return name
         return "torch"
     reason = why_not(op, requested, device_type)
     if reason is not None:
         raise BackendUnavailableError(f"llmfast backend {requested!r} cannot run {op} on {device_type}: {reason}")
-    dtypes = spec.cpu_dtypes if (requested == "cpu" and spec.cpu_dtypes) else kernel_dtypes
+    dtypes = spec.dtypes_for(requested)
     if requested != "torch" and dtype not in dtypes:
         raise BackendUnavailableError(
             f"llmfast backend {requested!r} does not support {dtype} for {op}; supported: {list(dtypes)}")

@@ -72,9 +72,7 @@ def llmfast_providers(op: str, device: str, dtype) -> list:
             continue
         if name == "triton" and torch.device(device).type == "cpu":
             continue  # the interpreter is a test tool, not a contender
-        spec = backends.OPS[op]
-        dtypes = spec.cpu_dtypes if (name == "cpu" and spec.cpu_dtypes) else spec.dtypes
-        if dtype in dtypes:
+        if dtype in backends.OPS[op].dtypes_for(name):
             out.append(f"llmfast:{name}")
     return out
 

@@ -96,8 +96,7 @@ def cmd_check(args):
                 if why is not None or backend == "torch":
                     continue
                 for dt in dtypes:
-                    spec = backends.OPS[op]
-                    if dt not in (spec.cpu_dtypes if backend == "cpu" and spec.cpu_dtypes else spec.dtypes):
+                    if dt not in backends.OPS[op].dtypes_for(backend):
                         continue
                     torch.manual_seed(0)
                     total += 1
