@@ -7,10 +7,13 @@
 //   dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) (+ d_summed),
 //   dw = sum_rows dy * x_hat,  db = sum_rows dy
 //
-// x: [M, N] (unit column stride), one row per task element of at::parallel_for. A row is
-// read from memory once and then stays in L1/L2 (fp32 row of 4096 = 16 KB): the stats
-// take two vectorised passes over it (sum, then moments about that first mean), the
-// output a third. fp16/bf16 rows are widened to fp32 scratch rows first.
+// x: [M, N] (unit column stride); forward spreads rows over threads, backward spreads
+// fixed blocks of rows (norm.h: RowBlocks) so dw/db partial sums need no atomics. A row
+// is read from memory once: the stats take two vectorised passes per 8 KB chunk while it
+// is in L1 (row_mean_var), the output one more pass from L1/L2. fp16/bf16 rows are
+// widened to fp32 scratch rows first. With fresh outputs of this size (8192 x 4096 fp32
+// = 128 MB) most of the time goes to the kernel faulting and zeroing the output pages,
+// the same for torch's kernels; the work here is kept at or below torch's.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
