@@ -7,10 +7,13 @@
 //   dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) (+ d_summed),
 //   dw = sum_rows dy * x_hat,  db = sum_rows dy
 //
-// x: [M, N] (unit column stride), one row per task element of at::parallel_for. A row is
-// read from memory once and then stays in L1/L2 (fp32 row of 4096 = 16 KB): the stats
-// take two vectorised passes over it (sum, then moments about that first mean), the
-// output a third. fp16/bf16 rows are widened to fp32 scratch rows first.
+// x: [M, N] (unit column stride); forward spreads rows over threads, backward spreads
+// fixed blocks of rows (norm.h: RowBlocks) so dw/db partial sums need no atomics. A row
+// is read from memory once: the stats take two vectorised passes per 8 KB chunk while it
+// is in L1 (row_mean_var), the output one more pass from L1/L2. fp16/bf16 rows are
+// widened to fp32 scratch rows first. With fresh outputs of this size (8192 x 4096 fp32
+// = 128 MB) most of the time goes to the kernel faulting and zeroing the output pages,
+// the same for torch's kernels; the work here is kept at or below torch's.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -96,67 +99,114 @@ void layer_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, co
   with_flags(wp != nullptr, params, [&](auto has_w, auto has_params) {
     constexpr bool HW = decltype(has_w)::value, HP = decltype(has_params)::value;
     at::parallel_for(0, blocks.K, 1, [&](int64_t kb, int64_t ke) {
-      std::vector<acc_t> bx(same ? 0 : N), bdy(same ? 0 : N), bds(same || !dsp ? 0 : N), bdx(same ? 0 : N);
+      std::vector<acc_t> bx0(same ? 0 : N), bx1(same ? 0 : N), bdy0(same ? 0 : N), bdy1(same ? 0 : N);
+      std::vector<acc_t> bds(same || !dsp ? 0 : N), bdx(same ? 0 : N);
+      acc_t* bx[2] = {bx0.data(), bx1.data()};
+      acc_t* bdy[2] = {bdy0.data(), bdy1.data()};
       // The current group's dw/db sums (both kept when either is needed: db costs one add).
       std::vector<acc_t> gdw(HP ? N : 0), gdb(HP ? N : 0);
       acc_t* pdw = gdw.data();
       acc_t* pdb = gdb.data();
-      for (int64_t k = kb; k < ke; ++k) {
-        if (dw_part) std::fill(dw_part + k * N, dw_part + (k + 1) * N, acc_t(0));
-        if (db_part) std::fill(db_part + k * N, db_part + (k + 1) * N, acc_t(0));
-        for (int64_t m = blocks.begin(k); m < blocks.end(k); ++m) {
-          if (HP && (m - blocks.begin(k)) % kGroup == 0) {
-            std::fill(pdw, pdw + N, acc_t(0));
-            std::fill(pdb, pdb + N, acc_t(0));
+
+      // R rows (1 or 2) at once: pass 1 of a row pair updates the group sums once for
+      // both rows, halving that read-modify-write traffic (the costliest part of pass 1).
+      auto rows = [&](auto r_const, int64_t m) {
+        constexpr int R = decltype(r_const)::value;
+        const acc_t* xr[R];
+        const acc_t* gr[R];
+        Vec vmu[R], vrs[R];
+        for (int r = 0; r < R; ++r) {
+          xr[r] = load_row<scalar_t, acc_t>(xp + (m + r) * sx, N, bx[r]);
+          gr[r] = load_row<scalar_t, acc_t>(dyp + (m + r) * sdy, N, bdy[r]);
+          vmu[r] = Vec(mp[m + r]);
+          vrs[r] = Vec(rsp[m + r]);
+        }
+        // pass 1: sum(g), sum(g * x_hat) per row, and the group's dw/db sums. Masked tail
+        // lanes load dy = 0, so every product there is 0. Two accumulator sets (u) break
+        // the add/fma dependency chains.
+        Vec ta[R], tb[R];
+        for (int r = 0; r < R; ++r) ta[r] = tb[r] = Vec(acc_t(0));
+        for (int64_t c = 0; c < N; c += kChunk) {
+          const int64_t e = std::min(N, c + kChunk);
+          Vec sa[2][R], sb[2][R];
+          for (int u = 0; u < 2; ++u) {
+            for (int r = 0; r < R; ++r) sa[u][r] = sb[u][r] = Vec(acc_t(0));
           }
-          const acc_t* xr = load_row<scalar_t, acc_t>(xp + m * sx, N, bx.data());
-          const acc_t* gr = load_row<scalar_t, acc_t>(dyp + m * sdy, N, bdy.data());
-          const Vec vmu(mp[m]), vrs(rsp[m]);
-          // pass 1: sum(g), sum(g * x_hat), and the group's dw/db sums. Masked tail lanes
-          // load dy = 0, so every product there is 0. Two accumulator pairs break the
-          // add/fma dependency chains.
-          auto step = [&](int64_t j, int64_t cnt, Vec& sa, Vec& sb) {
-            const Vec xh = (Vec::loadu(xr + j, cnt) - vmu) * vrs;
-            const Vec d = Vec::loadu(gr + j, cnt);
-            Vec g = d;
-            if constexpr (HW) g = d * Vec::loadu(wp + j, cnt);
-            sa = sa + g;
-            sb = at::vec::fmadd(g, xh, sb);
+          auto step = [&](int64_t j, int64_t cnt, int u) {
+            Vec wv(acc_t(1)), dw_acc, db_acc;
+            if constexpr (HW) wv = Vec::loadu(wp + j, cnt);
             if constexpr (HP) {
-              at::vec::fmadd(d, xh, Vec::loadu(pdw + j, cnt)).store(pdw + j, cnt);
-              (Vec::loadu(pdb + j, cnt) + d).store(pdb + j, cnt);
+              dw_acc = Vec::loadu(pdw + j, cnt);
+              db_acc = Vec::loadu(pdb + j, cnt);
+            }
+            for (int r = 0; r < R; ++r) {
+              const Vec xh = (Vec::loadu(xr[r] + j, cnt) - vmu[r]) * vrs[r];
+              const Vec d = Vec::loadu(gr[r] + j, cnt);
+              const Vec g = HW ? d * wv : d;
+              sa[u][r] = sa[u][r] + g;
+              sb[u][r] = at::vec::fmadd(g, xh, sb[u][r]);
+              if constexpr (HP) {
+                dw_acc = at::vec::fmadd(d, xh, dw_acc);
+                db_acc = db_acc + d;
+              }
+            }
+            if constexpr (HP) {
+              dw_acc.store(pdw + j, cnt);
+              db_acc.store(pdb + j, cnt);
             }
           };
-          Vec ta(acc_t(0)), tb(acc_t(0));
-          for (int64_t c = 0; c < N; c += kChunk) {
-            const int64_t e = std::min(N, c + kChunk);
-            Vec sa0(acc_t(0)), sb0(acc_t(0)), sa1(acc_t(0)), sb1(acc_t(0));
-            int64_t j = c;
-            for (; j + 2 * V <= e; j += 2 * V) {
-              step(j, V, sa0, sb0);
-              step(j + V, V, sa1, sb1);
-            }
-            for (; j < e; j += V) step(j, std::min<int64_t>(V, e - j), sa0, sb0);
-            ta = ta + (sa0 + sa1);
-            tb = tb + (sb0 + sb1);
+          int64_t j = c;
+          for (; j + 2 * V <= e; j += 2 * V) {
+            step(j, V, 0);
+            step(j + V, V, 1);
           }
-          const Vec c1(hsum(ta) * inv_n), c2(hsum(tb) * inv_n);
-          // pass 2: dx = rstd * (g - c1 - x_hat * c2) (+ d_summed)
-          const acc_t* dsr = dsp ? load_row<scalar_t, acc_t>(dsp + m * sds, N, bds.data()) : nullptr;
-          acc_t* dxr = row_buffer<scalar_t, acc_t>(dxp + m * N, bdx.data());
+          for (; j < e; j += V) step(j, std::min<int64_t>(V, e - j), 0);
+          for (int r = 0; r < R; ++r) {
+            ta[r] = ta[r] + (sa[0][r] + sa[1][r]);
+            tb[r] = tb[r] + (sb[0][r] + sb[1][r]);
+          }
+        }
+        // pass 2, per row: dx = rstd * (g - c1 - x_hat * c2) (+ d_summed)
+        for (int r = 0; r < R; ++r) {
+          const Vec c1(hsum(ta[r]) * inv_n), c2(hsum(tb[r]) * inv_n);
+          const acc_t* x_r = xr[r];
+          const acc_t* g_r = gr[r];
+          const Vec mu = vmu[r], rs = vrs[r];
+          const acc_t* dsr = dsp ? load_row<scalar_t, acc_t>(dsp + (m + r) * sds, N, bds.data()) : nullptr;
+          acc_t* dxr = row_buffer<scalar_t, acc_t>(dxp + (m + r) * N, bdx.data());
           auto out = [&](int64_t j, int64_t cnt) {
-            const Vec xh = (Vec::loadu(xr + j, cnt) - vmu) * vrs;
-            Vec g = Vec::loadu(gr + j, cnt);
+            const Vec xh = (Vec::loadu(x_r + j, cnt) - mu) * rs;
+            Vec g = Vec::loadu(g_r + j, cnt);
             if constexpr (HW) g = g * Vec::loadu(wp + j, cnt);
-            return at::vec::fnmadd(xh, c2, g - c1) * vrs;
+            return at::vec::fnmadd(xh, c2, g - c1) * rs;
           };
           if (dsr) {
             for_vectors<V>(0, N, [&](int64_t j, int64_t cnt) { (out(j, cnt) + Vec::loadu(dsr + j, cnt)).store(dxr + j, cnt); });
           } else {
             for_vectors<V>(0, N, [&](int64_t j, int64_t cnt) { out(j, cnt).store(dxr + j, cnt); });
           }
-          store_row<scalar_t, acc_t>(dxr, dxp + m * N, N);
-          if (HP && ((m + 1 - blocks.begin(k)) % kGroup == 0 || m + 1 == blocks.end(k))) {
+          store_row<scalar_t, acc_t>(dxr, dxp + (m + r) * N, N);
+        }
+      };
+
+      for (int64_t k = kb; k < ke; ++k) {
+        const int64_t b0 = blocks.begin(k), b1 = blocks.end(k);
+        if (dw_part) std::fill(dw_part + k * N, dw_part + (k + 1) * N, acc_t(0));
+        if (db_part) std::fill(db_part + k * N, db_part + (k + 1) * N, acc_t(0));
+        // kGroup is even and groups start at even offsets, so a pair never straddles two
+        for (int64_t m = b0; m < b1;) {
+          if (HP && (m - b0) % kGroup == 0) {
+            std::fill(pdw, pdw + N, acc_t(0));
+            std::fill(pdb, pdb + N, acc_t(0));
+          }
+          if (m + 1 < b1) {
+            rows(std::integral_constant<int, 2>{}, m);
+            m += 2;
+          } else {
+            rows(std::integral_constant<int, 1>{}, m);
+            m += 1;
+          }
+          if (HP && ((m - b0) % kGroup == 0 || m == b1)) {
             if (dw_part) add_row(dw_part + k * N, pdw, N);
             if (db_part) add_row(db_part + k * N, pdb, N);
           }

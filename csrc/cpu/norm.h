@@ -245,6 +245,7 @@ inline T row_sumsq(const T* x, int64_t n) {
 // then stays near a pairwise sum's instead of growing with the rows per block.
 
 constexpr int64_t kGroup = 16;
+static_assert(kGroup % 2 == 0, "the LayerNorm backward takes rows in pairs inside a group");
 
 struct RowBlocks {
   int64_t K = 0, M = 0;
