@@ -38,7 +38,7 @@ FORMAT = "llmfast-gpt-1"
 
 # Hyper-parameters, and what a plain `llmfast train` uses. The parser's defaults are None
 # so that a resumed run can tell what the user asked for from what the checkpoint says.
-MODEL_DEFAULTS = dict(n_layer=4, n_head=4, n_embd=128, block_size=256, norm="layernorm", pos_embedding="learned",
+MODEL_DEFAULTS = dict(n_layer=4, n_head=4, n_embd=128, block_size=256, norm="layernorm", pos_embedding="rope",
                       dropout=0.0)
 TRAIN_DEFAULTS = dict(steps=300, batch_size=8, optimizer="adamw", lr=3e-3, min_lr=3e-4, warmup=30,
                       weight_decay=0.1, momentum=0.9, grad_clip=1.0, eval_interval=50, eval_batches=8,
@@ -559,7 +559,7 @@ def add_parser(subparsers) -> None:
     for k in ("n_layer", "n_head", "n_embd", "block_size"):
         m.add_argument("--" + k.replace("_", "-"), type=int, help=f"default {MODEL_DEFAULTS[k]}")
     m.add_argument("--norm", choices=("layernorm", "rmsnorm"), help="default layernorm")
-    m.add_argument("--pos-embedding", choices=("learned", "rope"), help="default learned")
+    m.add_argument("--pos-embedding", choices=("learned", "rope"), help="default rope")
     m.add_argument("--dropout", type=float, help="default 0")
     o = t.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, help=f"train until this step (default {TRAIN_DEFAULTS['steps']})")
