@@ -26,7 +26,7 @@ step build 240 env LLMFAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$cap" MAX_JOBS=${M
 step info 30 "$PY" -m llmfast info
 step tests 150 "$PY" -m pytest tests -m "not slow and not ddp" -q -x -p no:cacheprovider
 step check 60 "$PY" -m llmfast check --device cuda
-step bench 150 "$PY" -m llmfast bench --device cuda --dtype bf16 --dtype fp32 --out "$OUT/bench"
+step bench 200 "$PY" -m llmfast bench --quick --device cuda --dtype bf16 --dtype fp32 --out "$OUT/bench"
 tail -5 "$OUT/tests.log" "$OUT/check.log"; tail -60 "$OUT/bench.log"
 cat "$OUT/summary.txt"
 # The device tool brings back at most 8 files: pack the logs and results into one.

@@ -19,7 +19,12 @@ TORCH_LIBRARY(llmfast, m) {
   // mask: None, or bool (True = attend) / float32 (additive) viewed as [B, H, L, S]
   // with any strides. is_causal keeps key j <= query i (top-left, torch.tril).
   // dropout_p > 0 drops probabilities with a counter-based RNG keyed by `seed`, so
-  // backward regenerates the same mask. Returns out [B, H, L, Dv] (contiguous, input
+  // backward regenerates the same mask. The draw is the same on every backend: element
+  // (b, h, i, j) is kept iff word 0 of Philox4x32-10 with counter (j, i, b*H + h, 0)
+  // and key (seed & 0xffffffff, seed >> 32) is >= floor(dropout_p * 2^32) (uint32
+  // compare), and kept probabilities are scaled by 1 / (1 - dropout_p); lse is that of
+  // the undropped softmax (llmfast.reference.dropout_keep is the executable spec).
+  // Callers handle dropout_p >= 1. Returns out [B, H, L, Dv] (contiguous, input
   // dtype) and lse [B, H, L] (float32; -inf for a row with no visible key, whose out
   // is zeros and whose gradients are zero).
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool is_causal, "

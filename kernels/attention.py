@@ -29,7 +29,8 @@ the same draw as the C++ kernel and ``llmfast.reference.dropout_keep``, regenera
 by the backward kernels from (seed, index).
 
 FLOPs (standard count): forward 4·B·H·L·S·D (halved for causal), backward 2.5×.
-Bytes: q, k, v read and out written once per query block (k, v once per block).
+Bytes: q read and out written once; k and v re-read once per query block (from L2 when
+they fit).
 
 fp32 inputs use ``input_precision="ieee"`` dots (tf32 would be less accurate than
 torch's fp32 matmul); fp16/bf16 inputs run tensor-core dots (wgmma on sm_90) with
@@ -433,6 +434,8 @@ def _common(q, k, v, mask, dropout_p, seed):
 
     B, H, L, D = q.shape
     Hkv, S, DV = k.shape[1], k.shape[2], v.shape[3]
+    if B * H > 65535:  # b·H + h runs on grid axis 1 (CUDA caps it at 65535)
+        raise ValueError(f"llmfast triton attention: batch x heads = {B * H} exceeds 65535; split the batch")
     if mask is None:
         kind, m_arg, mstr = 0, q, (0, 0, 0, 0)
     else:
@@ -528,40 +531,43 @@ _STRIDES = ["stride_qb", "stride_qh", "stride_ql", "stride_kb", "stride_kh", "st
             "stride_vs", "stride_mb", "stride_mh", "stride_ml", "stride_ms"]
 
 
+def _kernel_sig(kern, dt, mdt):
+    if kern is _attn_fwd_kernel:
+        names = _PTRS_FWD + _STRIDES + ["H", "G", "L", "S", "D", "DV", "qk_scale", "seed", "threshold", "keep_scale"]
+    elif kern is _attn_bwd_dkdv_kernel:
+        names = _PTRS_DKDV + _STRIDES + ["H", "HKV", "G", "L", "S", "D", "DV", "qk_scale", "scale", "seed",
+                                         "threshold", "keep_scale"]
+    else:
+        names = _PTRS_DQ + _STRIDES + ["H", "G", "L", "S", "D", "DV", "qk_scale", "scale", "seed", "threshold",
+                                       "keep_scale"]
+    return _sig(names, dt, mdt, ints_i64=("seed", "threshold"))
+
+
 def _compile_configs():
-    """Every tile config of every bucket and dtype, plus each mask/causal/dropout variant on one
-    config per (bucket, dtype): (kernel, signature, constexprs, options)."""
+    """(kernel, signature, constexprs, options) for the compile test: every tile config of
+    every (head-dim bucket, dtype) at the bucket's largest head dim (the most shared memory
+    and registers), plus the mask / causal / dropout variants on the first config of each
+    kernel for fp16 and fp32 (they add a few ops, not tiles)."""
     out = []
-    flag_sets = [(0, False, False), (1, True, False), (2, False, True), (0, True, True)]
+    kernels = {"fwd": (_attn_fwd_kernel,), "bwd": (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel)}
     for dt in ("fp32", "fp16", "bf16"):
         precision = "ieee" if dt == "fp32" else "tf32"
-        for bucket, block_ds in ((64, (16, 64)), (128, (128,)), (256, (256,))):
+        for bucket in (64, 128, 256):
             key = (bucket, _is16(dt))
-            for kind, configs, kernels in (("fwd", _FWD_CONFIGS[key], (_attn_fwd_kernel,)),
-                                           ("bwd", _BWD_CONFIGS[key], (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel))):
-                for ci, (bm, bn, nw, ns) in enumerate(configs):
-                    for bd in block_ds:
-                        flags = flag_sets if (ci == 0 and bd == block_ds[-1]) else flag_sets[:1]
-                        for mask_kind, causal, drop in flags:
-                            mdt = "i1" if mask_kind == 1 else "fp32"
-                            for kern in kernels:
-                                if kern is _attn_fwd_kernel:
-                                    names = _PTRS_FWD + _STRIDES + ["H", "G", "L", "S", "D", "DV", "qk_scale", "seed",
-                                                                    "threshold", "keep_scale"]
-                                elif kern is _attn_bwd_dkdv_kernel:
-                                    names = _PTRS_DKDV + _STRIDES + ["H", "HKV", "G", "L", "S", "D", "DV", "qk_scale",
-                                                                     "scale", "seed", "threshold", "keep_scale"]
-                                else:
-                                    names = _PTRS_DQ + _STRIDES + ["H", "G", "L", "S", "D", "DV", "qk_scale", "scale",
-                                                                   "seed", "threshold", "keep_scale"]
-                                sig = _sig(names, dt, mdt, ints_i64=("seed", "threshold"))
-                                const = dict(MASK_KIND=mask_kind, IS_CAUSAL=causal, DROPOUT=drop, BLOCK_M=bm,
-                                             BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bd, UPCAST=False, PRECISION=precision)
-                                out.append((kern, sig, const, dict(num_warps=nw, num_stages=ns)))
-    for bdv in (16, 64, 128, 256):
-        for dt in ("fp32", "fp16", "bf16"):
-            sig = {"O_ptr": f"*{dt}", "DO_ptr": f"*{dt}", "Delta_ptr": "*fp32", "N_ROWS": "i32", "DV": "i32"}
-            out.append((_attn_bwd_preprocess, sig, dict(BLOCK_M=64, BLOCK_DV=bdv), dict(num_warps=4)))
+            for kind, table in (("fwd", _FWD_CONFIGS), ("bwd", _BWD_CONFIGS)):
+                for ci, (bm, bn, nw, ns) in enumerate(table[key]):
+                    flags = [(0, False, False)]
+                    if ci == 0 and bucket == 64 and dt != "bf16":
+                        flags += [(1, True, True), (2, True, False)]
+                    for mask_kind, causal, drop in flags:
+                        for kern in kernels[kind]:
+                            const = dict(MASK_KIND=mask_kind, IS_CAUSAL=causal, DROPOUT=drop, BLOCK_M=bm, BLOCK_N=bn,
+                                         BLOCK_D=bucket, BLOCK_DV=bucket, UPCAST=False, PRECISION=precision)
+                            sig = _kernel_sig(kern, dt, "i1" if mask_kind == 1 else "fp32")
+                            out.append((kern, sig, const, dict(num_warps=nw, num_stages=ns)))
+    for dt in ("fp32", "fp16", "bf16"):
+        sig = {"O_ptr": f"*{dt}", "DO_ptr": f"*{dt}", "Delta_ptr": "*fp32", "N_ROWS": "i32", "DV": "i32"}
+        out.append((_attn_bwd_preprocess, sig, dict(BLOCK_M=64, BLOCK_DV=128), dict(num_warps=4)))
     return out
 
 

@@ -48,7 +48,9 @@ def _layer_norm_fwd_kernel(X_ptr, R_ptr, W_ptr, B_ptr, Y_ptr, S_ptr, Mean_ptr, R
                         HAS_RES, True)
         m0 = tl.sum(x, axis=1) / N
         d = tl.where(mask, x - m0[:, None], 0.0)
-        d1 = tl.sum(d, axis=1) / N
+        # IEEE division (`/` is approximate on the GPU): N copies of d sum exactly, so a
+        # constant row gets d1 == d and mean == its value exactly
+        d1 = tl.math.div_rn(tl.sum(d, axis=1), N * 1.0)
         mean = m0 + d1
         var = tl.maximum(tl.sum(d * d, axis=1) / N - d1 * d1, 0.0)
         rstd = 1.0 / tl.sqrt(var + eps)
@@ -79,7 +81,7 @@ def _layer_norm_fwd_kernel(X_ptr, R_ptr, W_ptr, B_ptr, Y_ptr, S_ptr, Mean_ptr, R
             d = tl.where(c < N, x - m0, 0.0)
             acc1 += d
             acc2 += d * d
-        d1 = tl.sum(acc1, axis=0) / N
+        d1 = tl.math.div_rn(tl.sum(acc1, axis=0), N * 1.0)  # exact for constant rows, as above
         mean = m0 + d1
         var = tl.maximum(tl.sum(acc2, axis=0) / N - d1 * d1, 0.0)
         rstd = 1.0 / tl.sqrt(var + eps)

@@ -86,7 +86,7 @@ def cmd_check(args):
     device = args.device or _default_device()
     dtypes = [_DTYPES[d] for d in args.dtype] if args.dtype else [torch.float32, torch.float16, torch.bfloat16]
     failures, total = 0, 0
-    print(f"{'op':<28}{'backend':<9}{'dtype':<10}{'status':<7}worst error (bound)")
+    print(f"{'op':<40}{'backend':<9}{'dtype':<10}{'status':<7}worst error (bound)")
     for mod in _op_modules():
         for name, make, fn in mod.checks():
             op = name.split()[0]
@@ -109,7 +109,7 @@ def cmd_check(args):
                         ok, detail = False, f"{type(e).__name__}: {e}"
                     failures += not ok
                     dts = str(dt).replace("torch.", "")
-                    print(f"{name:<28}{backend:<9}{dts:<10}{'ok' if ok else 'FAIL':<7}{detail}", flush=True)
+                    print(f"{name:<40}{backend:<9}{dts:<10}{'ok' if ok else 'FAIL':<7}{detail}", flush=True)
     print(f"\n{total - failures} passed, {failures} failed")
     return 1 if failures or total == 0 else 0
 
@@ -177,12 +177,12 @@ def cmd_bench(args):
             bar.update()
     if bar:
         bar.close()
-    header = f"{'op':<14}{'case':<38}{'dtype':<9}{'provider':<16}{'median ms':>10}{'throughput':>16}{'speedup':>9}{'max err':>10}"
+    header = f"{'op':<27}{'case':<38}{'dtype':<9}{'provider':<16}{'median ms':>10}{'throughput':>16}{'speedup':>9}{'max err':>10}"
     if any(r.peak_mb is not None for r in rows):
         header += f"{'peak MB':>10}"
     print(header)
     for r in rows:
-        line = (f"{r.op:<14}{r.case:<38}{r.dtype:<9}{r.provider:<16}{_fmt(r.ms, '10.3f')}"
+        line = (f"{r.op:<27}{r.case:<38}{r.dtype:<9}{r.provider:<16}{_fmt(r.ms, '10.3f')}"
                 f"{_fmt(r.throughput, '10.1f'):>10} {r.unit:<7}{_fmt(r.speedup, '8.2f')}x{_fmt(r.max_err, '10.2e')}")
         if r.peak_mb is not None:
             line += _fmt(r.peak_mb, "10.1f")

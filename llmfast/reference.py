@@ -88,14 +88,17 @@ def dropout_threshold(p: float) -> int:
     return min(int(p * 4294967296.0), _U32)
 
 
-def dropout_keep(seed: int, p: float, B: int, H: int, L: int, S: int, device) -> torch.Tensor:
+def dropout_keep(seed, p: float, B: int, H: int, L: int, S: int, device) -> torch.Tensor:
     """[B, H, L, S] bool keep-mask of attention dropout, identical on every backend.
 
     Element (b, h, i, j) draws word 0 of Philox4x32-10 with counter
     (j, i, b*H + h, 0) and key (seed & 0xffffffff, seed >> 32 & 0xffffffff), and is
     kept iff that uint32 is >= floor(p * 2^32). A counter-based RNG lets the
-    backward pass regenerate the forward's mask from (seed, index) alone.
+    backward pass regenerate the forward's mask from (seed, index) alone. ``seed`` is an
+    int or an int64 scalar tensor (traceable by torch.compile without ``.item()``).
     """
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(device=device, dtype=torch.int64)
     j = torch.arange(S, device=device, dtype=torch.int64).view(1, 1, 1, S)
     i = torch.arange(L, device=device, dtype=torch.int64).view(1, 1, L, 1)
     bh = torch.arange(B * H, device=device, dtype=torch.int64).view(B, H, 1, 1)

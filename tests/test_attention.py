@@ -279,6 +279,7 @@ def _mha_pair(batch_first, **kw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
 @pytest.mark.parametrize("variant", ["self", "cross", "kpm", "bool_mask", "float_mask", "causal", "kpm+causal",
                                      "bias_kv", "zero_attn", "kdim", "unbatched"])
 def test_multihead_attention_matches_torch(backend, batch_first, variant):
@@ -429,6 +430,10 @@ def test_opcheck(backend):
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and i < 3 else a
                      for i, a in enumerate(args))
         torch.library.opcheck(op, args)
+    # dropout with a tensor seed (drawn inside scaled_dot_product_attention)
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 4, 2, 19, 23, 16))
+    torch.library.opcheck(torch.ops.llmfast.attention_fwd_seeded.default,
+                          (q, k, v, None, 0.25, True, 0.2, torch.tensor(1234567890123), backend))
 
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] == "cpu"])
@@ -449,6 +454,13 @@ def test_torch_compile_fullgraph(backend):
         fn(q2, k2, v2, m).backward()
     for a, b in ((qq, q2), (kk, k2), (vv, v2)):
         torch.testing.assert_close(a.grad, b.grad)
+
+    # dropout: the seed is drawn inside the graph (no .item() while tracing), fresh per call
+    drop = torch.compile(lambda q: F.scaled_dot_product_attention(q, q, q, dropout_p=0.3), fullgraph=True)
+    with llmfast.backend(backend):
+        a, b = drop(qq), drop(qq)
+        a.sum().backward()
+    assert torch.isfinite(a).all() and not torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------------

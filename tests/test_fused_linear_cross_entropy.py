@@ -175,3 +175,19 @@ def test_compile_fullgraph():
         outs.append([loss.detach(), args[0].grad, args[1].grad, args[3].grad])
     for a, r in zip(*outs):
         torch.testing.assert_close(a, r)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="cpu autocast")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast(backend):
+    # as F.linear + F.cross_entropy under autocast: bf16 projection, fp32 loss
+    h, w, t, b = _inputs(N=12, H=16, V=40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = TF.cross_entropy(TF.linear(h, w, b), t)
+        ref_ce = TF.cross_entropy(TF.linear(h, w, b), t, reduction="none")
+        with llmfast.backend(backend):
+            ours = F.fused_linear_cross_entropy(h, w, t, b, chunk_size=5)
+            ours_ce = F.cross_entropy(TF.linear(h, w, b), t, reduction="none")
+    assert ours.dtype == ref.dtype == torch.float32 and ours_ce.dtype == ref_ce.dtype
+    torch.testing.assert_close(ours, ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ours_ce, ref_ce, atol=1e-2, rtol=1e-2)

@@ -13,16 +13,20 @@
 // through one register-blocked micro-kernel, C[M, N] (+)= A[M, K]·B[K, N], which
 // broadcasts A elements (so A may be read transposed for free) and streams B rows
 // with full-width vector loads. Tiles are arranged so that B is always row-major:
-//   forward   S = Q·Kᵀ     (B = kᵀ, packed once per kv block as [D, BN])
-//             O += P·V     (B = v rows)
-//   backward  S = Q·Kᵀ, dP = dO·Vᵀ (B = packed kᵀ, vᵀ), dS = P∘(dP − Δ)·scale,
-//             dV += Pᵀ·dO, dK += dSᵀ·Q (A read transposed), dQ += dS·K.
+//   forward   S = (Q·scale)·Kᵀ  (A = the task's q tile, packed as fp32 × scale;
+//                                 B = kᵀ, packed once per kv block as [D, BN])
+//             O += P·V          (B = v rows)
+//   backward  S = Q·Kᵀ, dP = dO·Vᵀ (B = packed kᵀ, vᵀ), dS = P∘(dP − Δ),
+//             dV += Pᵀ·dO, dK += dSᵀ·Q (A read transposed), dQ += dS·K
+// with Q pre-multiplied by the softmax scale once (so S, and dK, come out scaled).
 //
 // Dropout (dropout_p > 0) is fused: element (b, h, i, j) is kept iff word 0 of
 // Philox4x32-10 with counter (j, i, b·H + h, 0) and key (seed lo, seed hi) is
 // >= floor(p·2^32) — the same draw as the Triton kernel and llmfast.reference —
 // so backward regenerates the forward's mask from the seed.
 #include <ATen/Parallel.h>
+
+#include <atomic>
 #include <torch/library.h>
 
 #include "cpu/row.h"
@@ -197,6 +201,16 @@ Tensor as_f32(const Tensor& t) {
   return t.to(at::kFloat).contiguous();
 }
 
+// q·scale in fp32, contiguous [B, H, L, D]: the score GEMM then yields scaled scores
+// directly (no pass over each score tile), and in backward dK = dSᵀ·(q·scale) needs no
+// extra scaling either. One O(L·D) copy, made in parallel by ATen.
+Tensor scaled_f32(const Tensor& q, double scale) {
+  Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  out.copy_(q);
+  out.mul_(scale);
+  return out;
+}
+
 struct MaskView {
   const void* ptr = nullptr;
   bool is_bool = false;
@@ -211,10 +225,13 @@ struct Problem {
   Dropout drop;
 };
 
-// Block sizes. BM query rows × BN keys per score tile: the fp32 tile (32 KiB) and one
-// packed kᵀ panel stay in L1/L2; BM = 64 gives B·H·L/64 forward tasks to spread.
+// Block sizes, measured on Zen 4 (fp32, D = 64, L = S = 2048; tiles from 32×512 to
+// 128×128 are within ~5% of each other). Forward: BM = 64 query rows per task (B·H·L/64
+// tasks to spread over threads) × BN = 256 keys per score tile (64 KiB, in L2), which
+// halves the per-tile softmax bookkeeping of BN = 128. Backward: 64 × 64 tiles keep
+// the two [BM, BN] fp32 tiles (P, dS) and the dK/dV accumulators in L1/L2.
 constexpr int64_t BM = 64;
-constexpr int64_t BN = 128;
+constexpr int64_t BN = 256;
 constexpr int64_t BM_BWD = 64;
 constexpr int64_t BN_BWD = 64;
 
@@ -266,29 +283,62 @@ inline int64_t visible(bool causal, int64_t i, int64_t j0, int64_t nb) {
   return causal ? std::clamp<int64_t>(i - j0 + 1, 0, nb) : nb;
 }
 
-// Order tasks so that each thread's contiguous chunk mixes cheap and expensive
-// causal tiles: t -> 0, n-1, 1, n-2, ... (at::parallel_for splits ranges statically).
-inline int64_t zigzag(int64_t t, int64_t n) { return (t & 1) ? n - 1 - t / 2 : t / 2; }
+// Run `worker(next)` once on each at::parallel_for thread; next() hands out task ids
+// 0 .. n-1 one at a time from a shared counter (-1 when none are left). Unlike
+// parallel_for's static split into n/threads chunks, a thread that is descheduled (a
+// shared machine) or draws the expensive causal tiles delays only its current task.
+// Every task writes its own outputs, so results do not depend on who ran which task.
+template <typename Worker>
+void parallel_tasks(int64_t n, const Worker& worker) {
+  if (n <= 0) return;
+  std::atomic<int64_t> counter{0};
+  const auto next = [&counter, n]() -> int64_t {
+    const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
+    return t < n ? t : -1;
+  };
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(next); });
+}
 
 // ---------------------------------------------------------------------------------
 // Forward
 
 template <typename scalar_t>
-void fwd_impl(const Problem& P, const View& q, const Tensor& kT, const View& v, Tensor& out, Tensor& lse) {
+void fwd_impl(const Problem& P, const Tensor& q, const Tensor& kT, const View& v, Tensor& out, Tensor& lse) {
   const int64_t B = P.B, H = P.H, L = P.L, S = P.S, D = P.D, Dv = P.Dv;
   const int64_t nmt = (L + BM - 1) / BM, nblk = (S + BN - 1) / BN;
   const float* ktp = kT.const_data_ptr<float>();
   scalar_t* outp = out.mutable_data_ptr<scalar_t>();
   float* lsep = lse.mutable_data_ptr<float>();
+  const scalar_t* qptr = q.const_data_ptr<scalar_t>();
+  const int64_t sqb = q.stride(0), sqh = q.stride(1), sql = q.stride(2);
   constexpr bool direct = std::is_same_v<scalar_t, float>;  // accumulate straight into out
 
-  at::parallel_for(0, B * H * nmt, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sbuf(BM * BN), obuf(direct ? 0 : BM * Dv), mrow(BM), lrow(BM), zdrop(P.drop.on ? BN : 0);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / nmt, mt = P.causal ? zigzag(t % nmt, nmt) : t % nmt;
+  const int64_t BH = B * H;
+  parallel_tasks(BH * nmt, [&](const auto& next) {
+    std::vector<float> qbuf(BM * D), sbuf(BM * BN), obuf(direct ? 0 : BM * Dv), mrow(BM), lrow(BM),
+        zdrop(P.drop.on ? BN : 0);
+    for (int64_t t; (t = next()) >= 0;) {
+      // causal: the costliest query tiles (they see the most keys) go first, so the
+      // tasks left at the end are short; otherwise neighbouring tasks share a kv head
+      const int64_t bh = P.causal ? t % BH : t / nmt;
+      const int64_t mt = P.causal ? nmt - 1 - t / BH : t % nmt;
       const int64_t b = bh / H, h = bh % H, hk = h / P.G;
       const int64_t i0 = mt * BM, mb = std::min(BM, L - i0);
-      const float* qp = q.at(b, h, i0);
+      // q tile [mb, D] as fp32 times the softmax scale: the score GEMM then yields scaled
+      // scores, and the A panel is contiguous whatever q's strides (packed QKV views)
+      for (int64_t r = 0; r < mb; ++r) {
+        const scalar_t* src = qptr + b * sqb + h * sqh + (i0 + r) * sql;
+        float* dst = qbuf.data() + r * D;
+        if constexpr (direct) {
+          std::copy(src, src + D, dst);
+        } else {
+          at::vec::convert(src, dst, D);
+        }
+        const float sc = P.scale;
+        at::vec::map([sc](Vec x) { return x * Vec(sc); }, dst, dst, D);
+      }
+      const float* qp = qbuf.data();
       float* O;
       if constexpr (direct) {
         O = outp + (bh * L + i0) * Dv;
@@ -304,13 +354,11 @@ void fwd_impl(const Problem& P, const View& q, const Tensor& kT, const View& v, 
         const int64_t nb = std::min(BN, s_end - j0);
         const float* ktb = ktp + ((b * P.Hkv + hk) * nblk + j0 / BN) * D * BN;
         float* Sb = sbuf.data();
-        gemm<false>(mb, nb, D, qp, q.sn, ktb, BN, Sb, BN);  // S = Q Kᵀ: [mb, nb]
+        gemm<false>(mb, nb, D, qp, D, ktb, BN, Sb, BN);  // S = Q Kᵀ·scale: [mb, nb]
         for (int64_t r = 0; r < mb; ++r) {
           const int64_t i = i0 + r;
           float* z = Sb + r * BN;
           const int64_t nv = visible(P.causal, i, j0, nb);
-          const float scale = P.scale;
-          at::vec::map([scale](Vec x) { return x * Vec(scale); }, z, z, nv);
           if (P.mask) apply_mask_row(z, nv, *P.mask, b, h, i, j0);
           const float bmax = nv > 0 ? vec_max(z, nv) : kNegInf;
           const float m_old = mrow[r], m_new = std::max(m_old, bmax);
@@ -355,7 +403,7 @@ void fwd_impl(const Problem& P, const View& q, const Tensor& kT, const View& v, 
         }
         first = false;
       }
-      if (first) {  // no key at all (S = 0, or causal with ... nothing): zeros
+      if (first) {  // no key block at all (S = 0): zeros
         for (int64_t r = 0; r < mb; ++r) std::fill(O + r * Dv, O + r * Dv + Dv, 0.f);
       }
       float* lrow_out = lsep + bh * L + i0;
@@ -429,9 +477,9 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, who, ": float64 runs on the torch backend");
     } else {
-      const Tensor q32 = as_f32(q), v32 = as_f32(v);
+      const Tensor v32 = as_f32(v);
       const Tensor kT = pack_transposed<scalar_t>(k, BN);
-      fwd_impl<scalar_t>(P, view_of(q32), kT, view_of(v32), out, lse);
+      fwd_impl<scalar_t>(P, q, kT, view_of(v32), out, lse);
     }
   });
   return {out, lse};
@@ -471,16 +519,15 @@ void bwd_impl(const Problem& P, const View& q, const View& k, const View& dO, co
   const float* dlp = delta.const_data_ptr<float>();
   scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
   scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
-  const float scale = P.scale;
 
   // Task (b, kv head, chunk c) owns dK/dV of its kv tiles (chunk c takes tiles c, 2C-1-c,
   // 2C+c, ... so causal chunks cost alike) and writes dQ of the group's heads into its
   // own fp32 slice dq_acc[c]: no two threads write the same element, and the slices are
   // summed in a fixed order afterwards, so the result does not depend on scheduling.
-  at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(B * Hkv * chunks, [&](const auto& next) {
     std::vector<float> pbuf(BM_BWD * BN_BWD), dsbuf(BM_BWD * BN_BWD), dkb(BN_BWD * D), dvb(BN_BWD * Dv),
         zdrop(P.drop.on ? BN_BWD : 0);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; (task = next()) >= 0;) {
       const int64_t c = task % chunks, bk = task / chunks, b = bk / Hkv, hk = bk % Hkv;
       float* dqc = dq_acc + c * B * H * L * D;
       for (int64_t u = 0;; ++u) {
@@ -511,39 +558,40 @@ void bwd_impl(const Problem& P, const View& q, const View& k, const View& dO, co
               const float lse_i = lsep[bh * L + i];
               const int64_t nv = lse_i == kNegInf ? 0 : visible(P.causal, i, j0, nb);
               if (nv > 0) {
-                // p = exp(s·scale (+ mask) - lse): the forward's probabilities
-                at::vec::map([scale](Vec x) { return x * Vec(scale); }, p, p, nv);
+                // p = exp(s (+ mask) - lse), s already scaled: the forward's probabilities
                 if (P.mask) apply_mask_row(p, nv, *P.mask, b, h, i, j0);
                 at::vec::map([lse_i](Vec x) { return (x - Vec(lse_i)).exp_u20(); }, p, p, nv);
                 const float d_i = dlp[bh * L + i];
                 if (P.drop.on) {
-                  // dS = p∘(z∘dP − Δ) and dV takes p∘z, z = keep/(1 − p_drop)
+                  // dS = p∘(z∘dP − Δ) and dV takes p∘z, z = keep/(1 − p_drop); the
+                  // softmax scale is in q·scale (dK) and applied to dQ at the end
                   float* z = zdrop.data();
                   P.drop.factors(z, nv, bh, i, j0);
                   for (int64_t j = 0; j < nv; ++j) {
-                    ds[j] = p[j] * (z[j] * ds[j] - d_i) * scale;
+                    ds[j] = p[j] * (z[j] * ds[j] - d_i);
                     p[j] *= z[j];
                   }
                 } else {
-                  at::vec::map2([d_i, scale](Vec pp, Vec dp) { return pp * (dp - Vec(d_i)) * Vec(scale); }, ds, p,
-                                ds, nv);
+                  at::vec::map2([d_i](Vec pp, Vec dp) { return pp * (dp - Vec(d_i)); }, ds, p, ds, nv);
                 }
               }
               std::fill(p + nv, p + nb, 0.f);
               std::fill(ds + nv, ds + nb, 0.f);
             }
             gemm<true, true>(nb, Dv, mb, Pb, BN_BWD, dO.at(b, h, i0), dO.sn, dvb.data(), Dv);  // dV += Pᵀ dO
-            gemm<true, true>(nb, D, mb, dSb, BN_BWD, q.at(b, h, i0), q.sn, dkb.data(), D);      // dK += dSᵀ Q
+            gemm<true, true>(nb, D, mb, dSb, BN_BWD, q.at(b, h, i0), q.sn, dkb.data(), D);      // dK += dSᵀ Q·scale
             gemm<true>(mb, D, nb, dSb, BN_BWD, kb, k.sn, dqc + (bh * L + i0) * D, D);          // dQ += dS K
           }
         }
-        for (int64_t n = 0; n < nb; ++n) {
-          store_row<scalar_t, float>(dkb.data() + n * D, dkp + ((bk * S) + j0 + n) * D, D);
-          store_row<scalar_t, float>(dvb.data() + n * Dv, dvp + ((bk * S) + j0 + n) * Dv, Dv);
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            std::copy(dkb.data() + n * D, dkb.data() + (n + 1) * D, dkp + ((bk * S) + j0 + n) * D);
-            std::copy(dvb.data() + n * Dv, dvb.data() + (n + 1) * Dv, dvp + ((bk * S) + j0 + n) * Dv);
-          }
+        // dk, dv: [B, Hkv, S, D/Dv] contiguous; rows j0 .. j0 + nb belong to this task alone
+        scalar_t* dk_rows = dkp + (bk * S + j0) * D;
+        scalar_t* dv_rows = dvp + (bk * S + j0) * Dv;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          std::copy(dkb.data(), dkb.data() + nb * D, dk_rows);
+          std::copy(dvb.data(), dvb.data() + nb * Dv, dv_rows);
+        } else {
+          at::vec::convert(dkb.data(), dk_rows, nb * D);
+          at::vec::convert(dvb.data(), dv_rows, nb * Dv);
         }
       }
     }
@@ -582,7 +630,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
     } else {
       const Tensor go = grad_out.contiguous(), o = out.contiguous(), lse_c = lse.contiguous();
       const Tensor delta = row_dot<scalar_t>(go, o);
-      const Tensor q32 = as_f32(q), k32 = as_f32(k), go32 = as_f32(go);
+      const Tensor qs = scaled_f32(q, scale), k32 = as_f32(k), go32 = as_f32(go);
       const Tensor kT = pack_transposed<scalar_t>(k, BN_BWD), vT = pack_transposed<scalar_t>(v, BN_BWD);
       // Enough (b, kv head, chunk) tasks to keep every thread busy; each chunk beyond
       // the first costs a [B, H, L, D] fp32 dQ slice.
@@ -592,9 +640,14 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
       const bool direct = std::is_same_v<scalar_t, float> && chunks == 1;
       Tensor acc = direct ? dq : at::empty({chunks, P.B, P.H, P.L, P.D}, q.options().dtype(at::kFloat));
       acc.zero_();
-      bwd_impl<scalar_t>(P, view_of(q32), view_of(k32), view_of(go32), kT, vT, lse_c, delta,
+      bwd_impl<scalar_t>(P, view_of(qs), view_of(k32), view_of(go32), kT, vT, lse_c, delta,
                          acc.mutable_data_ptr<float>(), chunks, dk, dv);
-      if (!direct) dq.copy_(chunks == 1 ? acc[0] : acc.sum(0));
+      // dQ = scale·Σ_j dS K: the scale is applied once here
+      if (direct) {
+        dq.mul_(scale);
+      } else {
+        dq.copy_((chunks == 1 ? acc[0] : acc.sum(0)).mul_(scale));
+      }
     }
   });
   return {dq, dk, dv};

@@ -27,6 +27,7 @@ void layer_norm_fwd_rows(const Tensor& x, const Tensor& r, const Tensor& w, cons
                          Tensor& y, Tensor& s, Tensor& mean_t, Tensor& rstd_t) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
   const int64_t M = x.size(0), N = x.size(1);
   const int64_t sx = x.stride(0), sr = r.defined() ? r.stride(0) : 0;
@@ -39,41 +40,36 @@ void layer_norm_fwd_rows(const Tensor& x, const Tensor& r, const Tensor& w, cons
   acc_t* mp = mean_t.mutable_data_ptr<acc_t>();
   acc_t* rsp = rstd_t.mutable_data_ptr<acc_t>();
   const acc_t eps = static_cast<acc_t>(eps_d);
-  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
 
-  at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> in_buf(same ? 0 : N), in_buf2(same || !rp ? 0 : N), out_buf(same ? 0 : N);
-    for (int64_t m = begin; m < end; ++m) {
-      const acc_t* xr = norm_input_row<scalar_t, acc_t>(xp + m * sx, rp ? rp + m * sr : nullptr,
-                                                        sp ? sp + m * N : nullptr, N, in_buf.data(), in_buf2.data());
-      const acc_t m0 = row_sum(xr, N) * inv_n;
-      acc_t d1, d2;
-      row_shifted_moments(xr, N, m0, d1, d2);
-      const acc_t dm = d1 * inv_n;
-      const acc_t mu = m0 + dm;
-      // max(., 0) only clips rounding below zero; a NaN variance stays NaN (std::max keeps arg 1)
-      const acc_t var = std::max(d2 * inv_n - dm * dm, acc_t(0));
-      const acc_t rs = acc_t(1) / std::sqrt(var + eps);
-      mp[m] = mu;
-      rsp[m] = rs;
+  with_flags(wp != nullptr, bp != nullptr, [&](auto has_w, auto has_b) {
+    constexpr bool HW = decltype(has_w)::value, HB = decltype(has_b)::value;
+    at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> in_buf(same ? 0 : N), in_buf2(same || !rp ? 0 : N), out_buf(same ? 0 : N);
+      for (int64_t m = begin; m < end; ++m) {
+        const acc_t* xr = norm_input_row<scalar_t, acc_t>(xp + m * sx, rp ? rp + m * sr : nullptr,
+                                                          sp ? sp + m * N : nullptr, N, in_buf.data(), in_buf2.data());
+        acc_t mu, var;
+        row_mean_var(xr, N, mu, var);
+        const acc_t rs = acc_t(1) / std::sqrt(var + eps);
+        mp[m] = mu;
+        rsp[m] = rs;
 
-      acc_t* yr = row_buffer<scalar_t, acc_t>(yp + m * N, out_buf.data());
-      const Vec vmu(mu), vrs(rs);
-      constexpr int64_t V = Vec::size();
-      for (int64_t j = 0; j < N; j += V) {
-        const int64_t cnt = std::min<int64_t>(V, N - j);
-        Vec v = (Vec::loadu(xr + j, cnt) - vmu) * vrs;
-        if (wp && bp) {
-          v = at::vec::fmadd(v, Vec::loadu(wp + j, cnt), Vec::loadu(bp + j, cnt));
-        } else if (wp) {
-          v = v * Vec::loadu(wp + j, cnt);
-        } else if (bp) {
-          v = v + Vec::loadu(bp + j, cnt);
-        }
-        v.store(yr + j, cnt);
+        acc_t* yr = row_buffer<scalar_t, acc_t>(yp + m * N, out_buf.data());
+        const Vec vmu(mu), vrs(rs);
+        for_vectors<V>(0, N, [&](int64_t j, int64_t cnt) {
+          Vec v = (Vec::loadu(xr + j, cnt) - vmu) * vrs;  // centre first: x*rs - mu*rs would cancel
+          if constexpr (HW && HB) {
+            v = at::vec::fmadd(v, Vec::loadu(wp + j, cnt), Vec::loadu(bp + j, cnt));
+          } else if constexpr (HW) {
+            v = v * Vec::loadu(wp + j, cnt);
+          } else if constexpr (HB) {
+            v = v + Vec::loadu(bp + j, cnt);
+          }
+          v.store(yr + j, cnt);
+        });
+        store_row<scalar_t, acc_t>(yr, yp + m * N, N);
       }
-      store_row<scalar_t, acc_t>(yr, yp + m * N, N);
-    }
+    });
   });
 }
 
@@ -95,62 +91,78 @@ void layer_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, co
   const acc_t* mp = mean_t.const_data_ptr<acc_t>();
   const acc_t* rsp = rstd_t.const_data_ptr<acc_t>();
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
+  const bool params = dw_part != nullptr || db_part != nullptr;
 
-  at::parallel_for(0, blocks.K, 1, [&](int64_t kb, int64_t ke) {
-    std::vector<acc_t> bx(same ? 0 : N), bdy(same ? 0 : N), bds(same || !dsp ? 0 : N), bdx(same ? 0 : N);
-    std::vector<acc_t> gdw(dw_part ? N : 0), gdb(db_part ? N : 0);  // the current group's sums
-    acc_t* pdw = dw_part ? gdw.data() : nullptr;
-    acc_t* pdb = db_part ? gdb.data() : nullptr;
-    for (int64_t k = kb; k < ke; ++k) {
-      if (dw_part) std::fill(dw_part + k * N, dw_part + (k + 1) * N, acc_t(0));
-      if (db_part) std::fill(db_part + k * N, db_part + (k + 1) * N, acc_t(0));
-      for (int64_t m = blocks.begin(k); m < blocks.end(k); ++m) {
-        if ((m - blocks.begin(k)) % kGroup == 0) {
-          if (pdw) std::fill(pdw, pdw + N, acc_t(0));
-          if (pdb) std::fill(pdb, pdb + N, acc_t(0));
-        }
-        const acc_t* xr = load_row<scalar_t, acc_t>(xp + m * sx, N, bx.data());
-        const acc_t* gr = load_row<scalar_t, acc_t>(dyp + m * sdy, N, bdy.data());
-        const Vec vmu(mp[m]), vrs(rsp[m]);
-        // pass 1: mean(g), mean(g * x_hat), and the group's dw/db sums. Masked tail
-        // lanes load dy = 0, so every product there is 0.
-        Vec ta(acc_t(0)), tb(acc_t(0));
-        for (int64_t c = 0; c < N; c += kChunk) {
-          const int64_t e = std::min(N, c + kChunk);
-          Vec sa(acc_t(0)), sb(acc_t(0));
-          for (int64_t j = c; j < e; j += V) {
-            const int64_t cnt = std::min<int64_t>(V, e - j);
+  with_flags(wp != nullptr, params, [&](auto has_w, auto has_params) {
+    constexpr bool HW = decltype(has_w)::value, HP = decltype(has_params)::value;
+    at::parallel_for(0, blocks.K, 1, [&](int64_t kb, int64_t ke) {
+      std::vector<acc_t> bx(same ? 0 : N), bdy(same ? 0 : N), bds(same || !dsp ? 0 : N), bdx(same ? 0 : N);
+      // The current group's dw/db sums (both kept when either is needed: db costs one add).
+      std::vector<acc_t> gdw(HP ? N : 0), gdb(HP ? N : 0);
+      acc_t* pdw = gdw.data();
+      acc_t* pdb = gdb.data();
+      for (int64_t k = kb; k < ke; ++k) {
+        if (dw_part) std::fill(dw_part + k * N, dw_part + (k + 1) * N, acc_t(0));
+        if (db_part) std::fill(db_part + k * N, db_part + (k + 1) * N, acc_t(0));
+        for (int64_t m = blocks.begin(k); m < blocks.end(k); ++m) {
+          if (HP && (m - blocks.begin(k)) % kGroup == 0) {
+            std::fill(pdw, pdw + N, acc_t(0));
+            std::fill(pdb, pdb + N, acc_t(0));
+          }
+          const acc_t* xr = load_row<scalar_t, acc_t>(xp + m * sx, N, bx.data());
+          const acc_t* gr = load_row<scalar_t, acc_t>(dyp + m * sdy, N, bdy.data());
+          const Vec vmu(mp[m]), vrs(rsp[m]);
+          // pass 1: sum(g), sum(g * x_hat), and the group's dw/db sums. Masked tail lanes
+          // load dy = 0, so every product there is 0. Two accumulator pairs break the
+          // add/fma dependency chains.
+          auto step = [&](int64_t j, int64_t cnt, Vec& sa, Vec& sb) {
             const Vec xh = (Vec::loadu(xr + j, cnt) - vmu) * vrs;
             const Vec d = Vec::loadu(gr + j, cnt);
-            const Vec g = wp ? d * Vec::loadu(wp + j, cnt) : d;
+            Vec g = d;
+            if constexpr (HW) g = d * Vec::loadu(wp + j, cnt);
             sa = sa + g;
             sb = at::vec::fmadd(g, xh, sb);
-            if (pdw) at::vec::fmadd(d, xh, Vec::loadu(pdw + j, cnt)).store(pdw + j, cnt);
-            if (pdb) (Vec::loadu(pdb + j, cnt) + d).store(pdb + j, cnt);
+            if constexpr (HP) {
+              at::vec::fmadd(d, xh, Vec::loadu(pdw + j, cnt)).store(pdw + j, cnt);
+              (Vec::loadu(pdb + j, cnt) + d).store(pdb + j, cnt);
+            }
+          };
+          Vec ta(acc_t(0)), tb(acc_t(0));
+          for (int64_t c = 0; c < N; c += kChunk) {
+            const int64_t e = std::min(N, c + kChunk);
+            Vec sa0(acc_t(0)), sb0(acc_t(0)), sa1(acc_t(0)), sb1(acc_t(0));
+            int64_t j = c;
+            for (; j + 2 * V <= e; j += 2 * V) {
+              step(j, V, sa0, sb0);
+              step(j + V, V, sa1, sb1);
+            }
+            for (; j < e; j += V) step(j, std::min<int64_t>(V, e - j), sa0, sb0);
+            ta = ta + (sa0 + sa1);
+            tb = tb + (sb0 + sb1);
           }
-          ta = ta + sa;
-          tb = tb + sb;
-        }
-        const Vec c1(hsum(ta) * inv_n), c2(hsum(tb) * inv_n);
-        // pass 2: dx = rstd * (g - c1 - x_hat * c2) (+ d_summed)
-        const acc_t* dsr = dsp ? load_row<scalar_t, acc_t>(dsp + m * sds, N, bds.data()) : nullptr;
-        acc_t* dxr = row_buffer<scalar_t, acc_t>(dxp + m * N, bdx.data());
-        for (int64_t j = 0; j < N; j += V) {
-          const int64_t cnt = std::min<int64_t>(V, N - j);
-          const Vec xh = (Vec::loadu(xr + j, cnt) - vmu) * vrs;
-          const Vec d = Vec::loadu(gr + j, cnt);
-          const Vec g = wp ? d * Vec::loadu(wp + j, cnt) : d;
-          Vec out = (g - c1 - xh * c2) * vrs;
-          if (dsr) out = out + Vec::loadu(dsr + j, cnt);
-          out.store(dxr + j, cnt);
-        }
-        store_row<scalar_t, acc_t>(dxr, dxp + m * N, N);
-        if ((m + 1 - blocks.begin(k)) % kGroup == 0 || m + 1 == blocks.end(k)) {
-          if (pdw) add_row(dw_part + k * N, pdw, N);
-          if (pdb) add_row(db_part + k * N, pdb, N);
+          const Vec c1(hsum(ta) * inv_n), c2(hsum(tb) * inv_n);
+          // pass 2: dx = rstd * (g - c1 - x_hat * c2) (+ d_summed)
+          const acc_t* dsr = dsp ? load_row<scalar_t, acc_t>(dsp + m * sds, N, bds.data()) : nullptr;
+          acc_t* dxr = row_buffer<scalar_t, acc_t>(dxp + m * N, bdx.data());
+          auto out = [&](int64_t j, int64_t cnt) {
+            const Vec xh = (Vec::loadu(xr + j, cnt) - vmu) * vrs;
+            Vec g = Vec::loadu(gr + j, cnt);
+            if constexpr (HW) g = g * Vec::loadu(wp + j, cnt);
+            return at::vec::fnmadd(xh, c2, g - c1) * vrs;
+          };
+          if (dsr) {
+            for_vectors<V>(0, N, [&](int64_t j, int64_t cnt) { (out(j, cnt) + Vec::loadu(dsr + j, cnt)).store(dxr + j, cnt); });
+          } else {
+            for_vectors<V>(0, N, [&](int64_t j, int64_t cnt) { out(j, cnt).store(dxr + j, cnt); });
+          }
+          store_row<scalar_t, acc_t>(dxr, dxp + m * N, N);
+          if (HP && ((m + 1 - blocks.begin(k)) % kGroup == 0 || m + 1 == blocks.end(k))) {
+            if (dw_part) add_row(dw_part + k * N, pdw, N);
+            if (db_part) add_row(db_part + k * N, pdb, N);
+          }
         }
       }
-    }
+    });
   });
 }
 

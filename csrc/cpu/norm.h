@@ -83,6 +83,31 @@ inline const acc_t* norm_input_row(const scalar_t* x, const scalar_t* r, scalar_
   }
 }
 
+// Runs body(j, cnt) over [0, n) in vectors of V: full vectors two at a time, then one
+// masked tail. Inlined, cnt is the constant V in the main loop, so Vectorized's
+// loadu/store(ptr, cnt) fold to plain full-width accesses there.
+template <int64_t V, typename F>
+inline void for_vectors(int64_t begin, int64_t end, F&& body) {
+  int64_t j = begin;
+  for (; j + 2 * V <= end; j += 2 * V) {
+    body(j, V);
+    body(j + V, V);
+  }
+  for (; j + V <= end; j += V) body(j, V);
+  if (j < end) body(j, end - j);
+}
+
+// Calls f(std::bool_constant<a>{}, std::bool_constant<b>{}): per-row flags become
+// template arguments, so inner loops carry no branches.
+template <typename F>
+inline void with_flags(bool a, bool b, F&& f) {
+  if (a) {
+    if (b) f(std::true_type{}, std::true_type{}); else f(std::true_type{}, std::false_type{});
+  } else {
+    if (b) f(std::false_type{}, std::true_type{}); else f(std::false_type{}, std::false_type{});
+  }
+}
+
 // Sums run in chunks of kChunk elements, each with its own vector accumulators, and the
 // chunk totals are added in a second level: fp32 rounding error then grows with
 // kChunk / lanes + N / kChunk instead of N / lanes (rows reach 131072 and beyond).
@@ -126,14 +151,21 @@ inline void row_shifted_moments(const T* x, int64_t n, T shift, T& s1, T& s2) {
   Vec t1(T(0)), t2(T(0));
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t e = std::min(n, c + kChunk);
-    Vec a1(T(0)), a2(T(0)), b1(T(0)), b2(T(0));
+    // four independent accumulator pairs: an fma chain on one register would cost its
+    // full latency per vector
+    Vec a1(T(0)), a2(T(0)), b1(T(0)), b2(T(0)), c1(T(0)), c2(T(0)), d1(T(0)), d2(T(0));
     int64_t j = c;
-    for (; j + 2 * V <= e; j += 2 * V) {
-      const Vec d = Vec::loadu(x + j) - vs, f = Vec::loadu(x + j + V) - vs;
-      a1 = a1 + d;
-      a2 = at::vec::fmadd(d, d, a2);
-      b1 = b1 + f;
-      b2 = at::vec::fmadd(f, f, b2);
+    for (; j + 4 * V <= e; j += 4 * V) {
+      const Vec p = Vec::loadu(x + j) - vs, q = Vec::loadu(x + j + V) - vs;
+      const Vec u = Vec::loadu(x + j + 2 * V) - vs, v = Vec::loadu(x + j + 3 * V) - vs;
+      a1 = a1 + p;
+      a2 = at::vec::fmadd(p, p, a2);
+      b1 = b1 + q;
+      b2 = at::vec::fmadd(q, q, b2);
+      c1 = c1 + u;
+      c2 = at::vec::fmadd(u, u, c2);
+      d1 = d1 + v;
+      d2 = at::vec::fmadd(v, v, d2);
     }
     for (; j < e; j += V) {
       const int64_t cnt = std::min<int64_t>(V, e - j);
@@ -141,11 +173,38 @@ inline void row_shifted_moments(const T* x, int64_t n, T shift, T& s1, T& s2) {
       a1 = a1 + d;
       a2 = at::vec::fmadd(d, d, a2);
     }
-    t1 = t1 + (a1 + b1);
-    t2 = t2 + (a2 + b2);
+    t1 = t1 + ((a1 + b1) + (c1 + d1));
+    t2 = t2 + ((a2 + b2) + (c2 + d2));
   }
   s1 = hsum(t1);
   s2 = hsum(t2);
+}
+
+// Mean and (biased) variance of a row. Each kChunk-element chunk is summed, then its
+// moments are taken about that chunk mean while the chunk is still in L1; chunks merge
+// with Chan's pairwise formula. So a row longer than L1 (32768 fp32 = 128 KB) is read
+// from memory once for its statistics, the variance has no E[x^2] - E[x]^2 cancellation
+// (rows like 1000 + noise), and a constant row gives exactly mean = x, var = 0.
+template <typename T>
+inline void row_mean_var(const T* x, int64_t n, T& mean, T& var) {
+  T cnt = 0, mu = 0, m2 = 0;
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t len = std::min(kChunk, n - c);
+    const T nb = static_cast<T>(len);
+    const T m0 = row_sum(x + c, len) / nb;
+    T d1, d2;
+    row_shifted_moments(x + c, len, m0, d1, d2);
+    const T dm = d1 / nb;
+    const T mb = m0 + dm;                      // the chunk mean (exact for a constant chunk)
+    const T m2b = std::max(d2 - d1 * dm, T(0));  // sum((x - mb)^2)
+    const T tot = cnt + nb;
+    const T delta = mb - mu;
+    mu = mu + delta * (nb / tot);
+    m2 = m2 + m2b + delta * delta * (cnt * nb / tot);
+    cnt = tot;
+  }
+  mean = mu;
+  var = m2 / cnt;
 }
 
 template <typename T>

@@ -36,23 +36,25 @@ void rms_norm_fwd_rows(const Tensor& x, const Tensor& r, const Tensor& w, double
   const acc_t eps = static_cast<acc_t>(eps_d);
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
 
-  at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> in_buf(same ? 0 : N), in_buf2(same || !rp ? 0 : N), out_buf(same ? 0 : N);
-    for (int64_t m = begin; m < end; ++m) {
-      const acc_t* xr = norm_input_row<scalar_t, acc_t>(xp + m * sx, rp ? rp + m * sr : nullptr,
-                                                        sp ? sp + m * N : nullptr, N, in_buf.data(), in_buf2.data());
-      const acc_t rs = acc_t(1) / std::sqrt(row_sumsq(xr, N) * inv_n + eps);
-      rsp[m] = rs;
-      acc_t* yr = row_buffer<scalar_t, acc_t>(yp + m * N, out_buf.data());
-      const Vec vrs(rs);
-      for (int64_t j = 0; j < N; j += V) {
-        const int64_t cnt = std::min<int64_t>(V, N - j);
-        Vec v = Vec::loadu(xr + j, cnt) * vrs;
-        if (wp) v = v * Vec::loadu(wp + j, cnt);
-        v.store(yr + j, cnt);
+  with_flags(wp != nullptr, false, [&](auto has_w, auto) {
+    constexpr bool HW = decltype(has_w)::value;
+    at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> in_buf(same ? 0 : N), in_buf2(same || !rp ? 0 : N), out_buf(same ? 0 : N);
+      for (int64_t m = begin; m < end; ++m) {
+        const acc_t* xr = norm_input_row<scalar_t, acc_t>(xp + m * sx, rp ? rp + m * sr : nullptr,
+                                                          sp ? sp + m * N : nullptr, N, in_buf.data(), in_buf2.data());
+        const acc_t rs = acc_t(1) / std::sqrt(row_sumsq(xr, N) * inv_n + eps);
+        rsp[m] = rs;
+        acc_t* yr = row_buffer<scalar_t, acc_t>(yp + m * N, out_buf.data());
+        const Vec vrs(rs);
+        for_vectors<V>(0, N, [&](int64_t j, int64_t cnt) {
+          Vec v = Vec::loadu(xr + j, cnt) * vrs;
+          if constexpr (HW) v = v * Vec::loadu(wp + j, cnt);
+          v.store(yr + j, cnt);
+        });
+        store_row<scalar_t, acc_t>(yr, yp + m * N, N);
       }
-      store_row<scalar_t, acc_t>(yr, yp + m * N, N);
-    }
+    });
   });
 }
 
@@ -73,51 +75,63 @@ void rms_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, cons
   const acc_t* rsp = rstd_t.const_data_ptr<acc_t>();
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
 
-  at::parallel_for(0, blocks.K, 1, [&](int64_t kb, int64_t ke) {
-    std::vector<acc_t> bx(same ? 0 : N), bdy(same ? 0 : N), bds(same || !dsp ? 0 : N), bdx(same ? 0 : N);
-    std::vector<acc_t> gdw(dw_part ? N : 0);  // the current group's sums
-    acc_t* pdw = dw_part ? gdw.data() : nullptr;
-    for (int64_t k = kb; k < ke; ++k) {
-      if (dw_part) std::fill(dw_part + k * N, dw_part + (k + 1) * N, acc_t(0));
-      for (int64_t m = blocks.begin(k); m < blocks.end(k); ++m) {
-        if (pdw && (m - blocks.begin(k)) % kGroup == 0) std::fill(pdw, pdw + N, acc_t(0));
-        const acc_t* xr = load_row<scalar_t, acc_t>(xp + m * sx, N, bx.data());
-        const acc_t* gr = load_row<scalar_t, acc_t>(dyp + m * sdy, N, bdy.data());
-        const Vec vrs(rsp[m]);
-        // pass 1: mean(g * x_hat) and the group's dw sum (masked tail lanes load dy = 0)
-        Vec tb(acc_t(0));
-        for (int64_t c = 0; c < N; c += kChunk) {
-          const int64_t e = std::min(N, c + kChunk);
-          Vec sb(acc_t(0));
-          for (int64_t j = c; j < e; j += V) {
-            const int64_t cnt = std::min<int64_t>(V, e - j);
+  with_flags(wp != nullptr, dw_part != nullptr, [&](auto has_w, auto has_dw) {
+    constexpr bool HW = decltype(has_w)::value, HP = decltype(has_dw)::value;
+    at::parallel_for(0, blocks.K, 1, [&](int64_t kb, int64_t ke) {
+      std::vector<acc_t> bx(same ? 0 : N), bdy(same ? 0 : N), bds(same || !dsp ? 0 : N), bdx(same ? 0 : N);
+      std::vector<acc_t> gdw(HP ? N : 0);  // the current group's dw sums
+      acc_t* pdw = gdw.data();
+      for (int64_t k = kb; k < ke; ++k) {
+        if (HP) std::fill(dw_part + k * N, dw_part + (k + 1) * N, acc_t(0));
+        for (int64_t m = blocks.begin(k); m < blocks.end(k); ++m) {
+          if (HP && (m - blocks.begin(k)) % kGroup == 0) std::fill(pdw, pdw + N, acc_t(0));
+          const acc_t* xr = load_row<scalar_t, acc_t>(xp + m * sx, N, bx.data());
+          const acc_t* gr = load_row<scalar_t, acc_t>(dyp + m * sdy, N, bdy.data());
+          const Vec vrs(rsp[m]);
+          // pass 1: sum(g * x_hat) and the group's dw sums (masked tail lanes load dy = 0);
+          // two accumulators break the fma dependency chain
+          auto step = [&](int64_t j, int64_t cnt, Vec& sb) {
             const Vec xh = Vec::loadu(xr + j, cnt) * vrs;
             const Vec d = Vec::loadu(gr + j, cnt);
-            const Vec g = wp ? d * Vec::loadu(wp + j, cnt) : d;
+            Vec g = d;
+            if constexpr (HW) g = d * Vec::loadu(wp + j, cnt);
             sb = at::vec::fmadd(g, xh, sb);
-            if (pdw) at::vec::fmadd(d, xh, Vec::loadu(pdw + j, cnt)).store(pdw + j, cnt);
+            if constexpr (HP) at::vec::fmadd(d, xh, Vec::loadu(pdw + j, cnt)).store(pdw + j, cnt);
+          };
+          Vec tb(acc_t(0));
+          for (int64_t c = 0; c < N; c += kChunk) {
+            const int64_t e = std::min(N, c + kChunk);
+            Vec sb0(acc_t(0)), sb1(acc_t(0));
+            int64_t j = c;
+            for (; j + 2 * V <= e; j += 2 * V) {
+              step(j, V, sb0);
+              step(j + V, V, sb1);
+            }
+            for (; j < e; j += V) step(j, std::min<int64_t>(V, e - j), sb0);
+            tb = tb + (sb0 + sb1);
           }
-          tb = tb + sb;
-        }
-        const Vec c2(hsum(tb) * inv_n);
-        // pass 2: dx = rstd * (g - x_hat * c2) (+ d_summed)
-        const acc_t* dsr = dsp ? load_row<scalar_t, acc_t>(dsp + m * sds, N, bds.data()) : nullptr;
-        acc_t* dxr = row_buffer<scalar_t, acc_t>(dxp + m * N, bdx.data());
-        for (int64_t j = 0; j < N; j += V) {
-          const int64_t cnt = std::min<int64_t>(V, N - j);
-          const Vec xh = Vec::loadu(xr + j, cnt) * vrs;
-          const Vec d = Vec::loadu(gr + j, cnt);
-          const Vec g = wp ? d * Vec::loadu(wp + j, cnt) : d;
-          Vec out = (g - xh * c2) * vrs;
-          if (dsr) out = out + Vec::loadu(dsr + j, cnt);
-          out.store(dxr + j, cnt);
-        }
-        store_row<scalar_t, acc_t>(dxr, dxp + m * N, N);
-        if (pdw && ((m + 1 - blocks.begin(k)) % kGroup == 0 || m + 1 == blocks.end(k))) {
-          add_row(dw_part + k * N, pdw, N);
+          const Vec c2(hsum(tb) * inv_n);
+          // pass 2: dx = rstd * (g - x_hat * c2) (+ d_summed)
+          const acc_t* dsr = dsp ? load_row<scalar_t, acc_t>(dsp + m * sds, N, bds.data()) : nullptr;
+          acc_t* dxr = row_buffer<scalar_t, acc_t>(dxp + m * N, bdx.data());
+          auto out = [&](int64_t j, int64_t cnt) {
+            const Vec xh = Vec::loadu(xr + j, cnt) * vrs;
+            Vec g = Vec::loadu(gr + j, cnt);
+            if constexpr (HW) g = g * Vec::loadu(wp + j, cnt);
+            return at::vec::fnmadd(xh, c2, g) * vrs;
+          };
+          if (dsr) {
+            for_vectors<V>(0, N, [&](int64_t j, int64_t cnt) { (out(j, cnt) + Vec::loadu(dsr + j, cnt)).store(dxr + j, cnt); });
+          } else {
+            for_vectors<V>(0, N, [&](int64_t j, int64_t cnt) { out(j, cnt).store(dxr + j, cnt); });
+          }
+          store_row<scalar_t, acc_t>(dxr, dxp + m * N, N);
+          if (HP && ((m + 1 - blocks.begin(k)) % kGroup == 0 || m + 1 == blocks.end(k))) {
+            add_row(dw_part + k * N, pdw, N);
+          }
         }
       }
-    }
+    });
   });
 }
 

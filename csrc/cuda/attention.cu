@@ -101,29 +101,36 @@ struct AttnParams {
 };
 
 // ------------------------------------------------------------------------------------------
-// Dropout: a counter-based hash of (seed, b*H + h, i, j), so the backward regenerates the
-// forward's keep mask from the same four numbers with no stored state. Each step is the
-// murmur3 32-bit finaliser (a bijection with full avalanche); the row part is computed once
-// per query row, the column part once per element.
+// Dropout: the draw csrc/ops.cpp pins for every backend (llmfast.reference.dropout_keep is
+// the executable spec): element (b, h, i, j) is kept iff word 0 of Philox4x32-10 with
+// counter (j, i, b*H + h, 0) and key (seed lo, seed hi) is >= floor(p * 2^32). Counter-based,
+// so the backward regenerates the forward's mask from the indices alone; the same seed
+// gives the same mask on the cpu, triton and cuda backends.
 // ------------------------------------------------------------------------------------------
-__host__ __device__ __forceinline__ uint32_t fmix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x85ebca6bu;
-  x ^= x >> 13;
-  x *= 0xc2b2ae35u;
-  x ^= x >> 16;
-  return x;
+struct DropKey {
+  uint32_t k0 = 0, k1 = 0, bh = 0, i = 0;  // the per-row part of key and counter
+};
+
+__host__ __device__ __forceinline__ DropKey dropout_row_key(uint64_t seed, uint32_t bh, uint32_t i) {
+  return {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), bh, i};
 }
 
-__host__ __device__ __forceinline__ uint32_t dropout_row_key(uint64_t seed, uint32_t bh, uint32_t i) {
-  uint32_t x = fmix32(static_cast<uint32_t>(seed) ^ 0x9e3779b9u);
-  x = fmix32(x ^ static_cast<uint32_t>(seed >> 32));
-  x = fmix32(x ^ bh);
-  return fmix32(x + i * 0x7f4a7c15u);
-}
-
-__host__ __device__ __forceinline__ uint32_t dropout_bits(uint32_t row_key, uint32_t j) {
-  return fmix32(row_key ^ fmix32(j * 0x9e3779b9u + 0x632be5abu));
+__host__ __device__ __forceinline__ uint32_t dropout_bits(const DropKey& r, uint32_t j) {
+  uint32_t c0 = j, c1 = r.i, c2 = r.bh, c3 = 0u, k0 = r.k0, k1 = r.k1;
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -442,7 +449,8 @@ struct BwdQCfg {
   static constexpr bool kSimt = std::is_same_v<T, float>;
   static constexpr int NW = (kSimt && HD >= 256) ? 2 : 4, NT = NW * 32;
   static constexpr int BM = 16 * NW;
-  static constexpr int BN = (HD >= 256 || (kSimt && HD >= 128)) ? 32 : 64;
+  // S, dP (BN/2 fp32 each) and dQ (HD/2) are all live at once: BN = 64 spills at HD = 128.
+  static constexpr int BN = HD >= 128 ? 32 : 64;
   static constexpr int PAD = 16 / static_cast<int>(sizeof(T));
   static constexpr int LD = HD + PAD;  // sQ, sdO, sK, sV
   static constexpr int LDP = BN + 4;   // SIMT dS scratch
@@ -487,7 +495,7 @@ __global__ void __launch_bounds__(FwdCfg<T, HD>::NT) _attention_fwd_kernel(const
   float m_i[2] = {-INFINITY, -INFINITY};  // running row max (log2 domain)
   float l_i[2] = {0.f, 0.f};              // running row sum, this lane's columns only
   const int i_row[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
-  uint32_t rkey[2] = {0u, 0u};
+  DropKey rkey[2] = {};
   if (p.has_dropout) {
     rkey[0] = dropout_row_key(p.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i_row[0]));
     rkey[1] = dropout_row_key(p.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i_row[1]));
@@ -700,7 +708,7 @@ __global__ void __launch_bounds__(BwdKVCfg<T, HD>::NT) _attention_bwd_dkdv_kerne
           const int il = q_off + nb * 8 + 2 * t + e;  // query within the tile (a column of S^T)
           const int i = m0 + il;
           const float lse2 = sLse2[il], dl = sDelta[il];
-          const uint32_t rkey = p.has_dropout ? dropout_row_key(p.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i)) : 0u;
+          const DropKey rkey = p.has_dropout ? dropout_row_key(p.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i)) : DropKey{};
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int j = j_row[r];
@@ -785,7 +793,7 @@ __global__ void __launch_bounds__(BwdQCfg<T, HD>::NT) _attention_bwd_dq_kernel(c
 
   const int i_row[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
   float lse2[2], dl[2];
-  uint32_t rkey[2];
+  DropKey rkey[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     lse2[r] = INFINITY;
@@ -795,7 +803,7 @@ __global__ void __launch_bounds__(BwdQCfg<T, HD>::NT) _attention_bwd_dq_kernel(c
       lse2[r] = lse == -INFINITY ? INFINITY : lse * kLog2e;
       dl[r] = p.delta[static_cast<int64_t>(bh) * p.L + i_row[r]];
     }
-    rkey[r] = p.has_dropout ? dropout_row_key(p.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i_row[r])) : 0u;
+    rkey[r] = p.has_dropout ? dropout_row_key(p.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i_row[r])) : DropKey{};
   }
 
   float acc_dq[HD / 8][4];
@@ -959,8 +967,7 @@ inline int attention_bwd_smem(DType dt, int D, int Dv) {
   return a > b ? a : b;
 }
 
-// Dropout keep threshold: keep iff 32 random bits >= round(p * 2^32), i.e. with probability 1 - p
-// up to 2^-32.
+// Dropout keep threshold: keep iff the 32-bit draw >= floor(p * 2^32) (the reference's rule).
 inline void set_dropout(AttnParams& p, double dropout_p, uint64_t seed) {
   p.seed = seed;
   p.has_dropout = dropout_p > 0.0;
@@ -969,7 +976,7 @@ inline void set_dropout(AttnParams& p, double dropout_p, uint64_t seed) {
     p.rp_keep = 1.f;
     return;
   }
-  const double thr = std::floor(dropout_p * 4294967296.0 + 0.5);
+  const double thr = std::floor(dropout_p * 4294967296.0);
   p.drop_threshold = thr >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(thr);
   p.rp_keep = dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.f;
 }
@@ -981,16 +988,45 @@ inline void set_dropout(AttnParams& p, double dropout_p, uint64_t seed) {
 // PyTorch binding: TORCH_LIBRARY_IMPL(llmfast, CUDA) for the schemas in csrc/ops.cpp.
 // ==========================================================================================
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+#ifndef LLMFAST_EMU
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#endif
 
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
+
+// The device-specific parts of the binding. Under LLMFAST_EMU (dev only: csrc/dev/attention_emu_ext.cpp)
+// the same binding is compiled for CPU tensors and runs the kernels through the CPU emulator,
+// so that the argument checks, stride handling and tests/test_attention_cuda.py itself can be
+// exercised without a GPU.
+namespace llmfast::attn {
+#ifndef LLMFAST_EMU
+#define LLMFAST_ATTN_DISPATCH_KEY CUDA
+using DeviceGuard = c10::cuda::CUDAGuard;
+inline bool on_device(const at::Tensor& t) { return t.is_cuda(); }
+inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
+inline int smem_optin() { return static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin); }
+inline void check_launch(cudaError_t attr_err) {
+  C10_CUDA_CHECK(attr_err);  // cudaFuncSetAttribute
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#else
+#define LLMFAST_ATTN_DISPATCH_KEY CPU
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+inline bool on_device(const at::Tensor& t) { return t.is_cpu(); }
+inline cudaStream_t current_stream() { return nullptr; }
+inline int smem_optin() { return 227 * 1024; }
+inline void check_launch(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "emulated launch failed"); }
+#endif
+}  // namespace llmfast::attn
 
 namespace llmfast::attn {
 namespace {
@@ -1009,6 +1045,7 @@ DType dtype_of(const Tensor& t) {
       TORCH_CHECK(false, "llmfast attention (cuda): q, k, v must be float16, bfloat16 or float32, got ",
                   t.scalar_type());
   }
+  return DType::kFloat;  // unreachable
 }
 
 // cp.async copies 16 B chunks: legal when the base and every row start are 16 B-aligned.
@@ -1030,7 +1067,7 @@ struct Shapes {
 };
 
 Shapes check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
-  TORCH_CHECK(q.is_cuda(), "llmfast attention (cuda): q must be a CUDA tensor");
+  TORCH_CHECK(on_device(q), "llmfast attention (cuda): q must be a CUDA tensor, got ", q.device());
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
               "llmfast attention (cuda): q, k, v must be on the same device, got ", q.device(), ", ", k.device(),
               ", ", v.device());
@@ -1055,9 +1092,11 @@ Shapes check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
   check_last_dim(q, "q");
   check_last_dim(k, "k");
   check_last_dim(v, "v");
+  // Grids: (B*H, ceil(L/BM)) and (B*Hkv, ceil(S/BN)) with BM, BN >= 32 (gridDim.y <= 65535), and
+  // ceil(B*H*L / 4) blocks for the delta pass.
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(s.L <= 65535LL * 16 && s.S < kIntMax && s.B * s.H <= kIntMax && s.B * s.Hkv <= kIntMax,
-              "llmfast attention (cuda): sizes exceed the kernel's grid limits: ", q.sizes(), ", ", k.sizes());
+  TORCH_CHECK(s.L <= 65535LL * 32 && s.S <= 65535LL * 32 && s.B * s.H <= kIntMax && s.B * s.H * s.L / 4 < kIntMax,
+              "llmfast attention (cuda): sizes exceed the kernels' grid limits: q ", q.sizes(), ", k ", k.sizes());
   return s;
 }
 
@@ -1097,7 +1136,7 @@ std::optional<Tensor> set_mask(AttnParams& p, const std::optional<Tensor>& mask,
 }
 
 void check_smem(int needed) {
-  const int optin = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  const int optin = smem_optin();
   TORCH_CHECK(needed <= optin, "llmfast attention (cuda): this head dim needs ", needed,
               " bytes of shared memory per block; the device allows ", optin,
               " (use the triton or torch backend on this GPU)");
@@ -1113,7 +1152,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cuda(const Tensor& q, const Tensor& k, 
                                               double dropout_p, int64_t seed) {
   const Shapes s = check_qkv(q, k, v);
   check_dropout(dropout_p);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   Tensor out = at::empty({s.B, s.H, s.L, s.Dv}, q.options());
   Tensor lse = at::empty({s.B, s.H, s.L}, q.options().dtype(at::kFloat));
   if (s.B * s.H * s.L == 0) return {out, lse};
@@ -1128,8 +1167,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cuda(const Tensor& q, const Tensor& k, 
   p.aligned = rows_aligned(q) && rows_aligned(k) && rows_aligned(v);
   const DType dt = dtype_of(q);
   check_smem(attention_fwd_smem(dt, p.D, p.Dv));
-  C10_CUDA_CHECK(attention_fwd_launch(p, dt, at::cuda::getCurrentCUDAStream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch(attention_fwd_launch(p, dt, current_stream()));
   return {out, lse};
 }
 
@@ -1150,7 +1188,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out, co
               "llmfast attention (cuda): lse must be float32 [B, H, L], got ", lse.scalar_type(), " ", lse.sizes());
   TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
               "llmfast attention (cuda): grad_out, out and lse must be on ", q.device());
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   // Autograd may hand over an expanded or transposed gradient (e.g. from .sum()): the kernels
   // need a contiguous last dim, so copy only in that case.
   const Tensor dO = (grad_out.size(-1) <= 1 || grad_out.stride(-1) == 1) ? grad_out : grad_out.contiguous();
@@ -1188,20 +1226,17 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out, co
   p.aligned = rows_aligned(q) && rows_aligned(k) && rows_aligned(v) && rows_aligned(dO);
   const DType dt = dtype_of(q);
   check_smem(attention_bwd_smem(dt, p.D, p.Dv));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(attention_bwd_delta_launch(p, dt, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  C10_CUDA_CHECK(attention_bwd_dkdv_launch(p, dt, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  C10_CUDA_CHECK(attention_bwd_dq_launch(p, dt, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const cudaStream_t stream = current_stream();
+  check_launch(attention_bwd_delta_launch(p, dt, stream));
+  check_launch(attention_bwd_dkdv_launch(p, dt, stream));
+  check_launch(attention_bwd_dq_launch(p, dt, stream));
   return {dq, dk, dv};
 }
 
 }  // namespace
 }  // namespace llmfast::attn
 
-TORCH_LIBRARY_IMPL(llmfast, CUDA, m) {
+TORCH_LIBRARY_IMPL(llmfast, LLMFAST_ATTN_DISPATCH_KEY, m) {
   m.impl("attention_fwd", &llmfast::attn::attention_fwd_cuda);
   m.impl("attention_bwd", &llmfast::attn::attention_bwd_cuda);
 }

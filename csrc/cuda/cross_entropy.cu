@@ -19,30 +19,88 @@
 //
 // A target outside [0, C) that is not ignore_index sets an error flag and gives NaN;
 // cross_entropy_fwd reads the flag back (one host sync) and raises IndexError.
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+//
+// The kernel half compiles on its own (LLMFAST_CROSS_ENTROPY_STANDALONE): the scratch
+// program csrc/dev/cross_entropy_dev.cu includes it to check the kernels against a
+// float64 CPU reference, on a GPU or (g++ -DLLMFAST_EMU) through the warp-level
+// emulator csrc/dev/cuda_emu.h, which runs every thread as a fiber in a random order
+// between barriers and starts shared memory as NaN.
 
+#ifdef LLMFAST_EMU
+#include "dev/cuda_emu.h"
+#else
+#include <cuda_runtime.h>
+#endif
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
 #include <cstdint>
 
-namespace llmfast::cuda {
-namespace {
-
-using at::Tensor;
+namespace llmfast::xent {
 
 constexpr int kMaxThreads = 512;
 
-// fp32 / fp16 / bf16 only (no fp64 instantiations: fewer kernels to compile).
-#define LLMFAST_DISPATCH_F32_F16_BF16(TYPE, NAME, ...)                      \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-constexpr unsigned kFull = 0xffffffffu;
+// Everything a kernel reads or writes; one struct so the emulator can launch it too.
+struct CeParams {
+  void* x;                // [N, C] logits (fwd, fwd_grad: overwritten by the gradient)
+  const int64_t* target;  // [N]
+  const float* w;         // [C] or nullptr
+  const float* w_total;   // device scalar Σ w (nullptr without weights)
+  float* loss;            // [N]       (fwd)
+  float* lse;             // [N, 2]    (fwd writes, bwd reads): hi, lo
+  int* err;               // device flag (fwd)
+  const float* g;         // [N]       (bwd)
+  void* dx;               // [N, C]    (bwd)
+  int64_t C;
+  int64_t ignore_index;
+  float eps;
+};
+
+__host__ __device__ __forceinline__ float to_float(float x) { return x; }
+__host__ __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__host__ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__host__ __device__ __forceinline__ T from_float(float x);
+template <>
+__host__ __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__host__ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// ------------------------------------------------------------------------------------------
+// Device primitives; the emulator build gets CPU versions with the same semantics.
+// ------------------------------------------------------------------------------------------
+#ifdef LLMFAST_EMU
+inline float fast_exp(float x) { return std::exp(x); }
+inline float fast_log(float x) { return std::log(x); }
+inline bool is_finite(float x) { return std::isfinite(x); }
+inline void block_sync() { ::emu::cta_barrier(); }
+inline float shfl_xor_f(float v, int m) {
+  ::emu::Slot s{};
+  s.f = v;
+  return ::emu::exchange(s)[(::emu::me().tid % 32) ^ static_cast<unsigned>(m)].f;
+}
+inline int shfl_xor_i(int v, int m) {
+  ::emu::Slot s{};
+  s.u[0] = static_cast<uint32_t>(v);
+  return static_cast<int>(::emu::exchange(s)[(::emu::me().tid % 32) ^ static_cast<unsigned>(m)].u[0]);
+}
+#else
+// __expf/__logf (ex2/lg2.approx): a few ulp, plenty next to the 1e-5 fp32 tolerance.
+__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
+__device__ __forceinline__ float fast_log(float x) { return __logf(x); }
+__device__ __forceinline__ bool is_finite(float x) { return isfinite(x); }
+__device__ __forceinline__ void block_sync() { __syncthreads(); }
+__device__ __forceinline__ float shfl_xor_f(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ int shfl_xor_i(int v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+#ifndef LLMFAST_DYN_SMEM
+#define LLMFAST_DYN_SMEM(name) extern __shared__ __align__(16) char name[]
+#endif
+#endif
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -51,12 +109,15 @@ struct alignas(sizeof(T) * VEC) Pack {
 
 // One thread's (then the block's) view of a row.
 struct RowState {
-  float m;      // running max
-  float s;      // Σ exp(x - m)
-  float S;      // Σ w (x - m) over finite x (smoothing only)
-  float wf;     // Σ w over finite x (smoothing only)
-  int flags;    // 1: a -inf logit (smoothing term is +inf); 2: a NaN logit
+  float m;    // running max
+  float s;    // Σ exp(x - m)
+  float S;    // Σ w (x - m) over finite x (smoothing only)
+  float wf;   // Σ w over finite x (smoothing only)
+  int flags;  // 1: a -inf logit (smoothing term is +inf); 2: a NaN logit
 };
+
+// Dynamic shared memory of the forward kernel: 32 warp states and the block's result.
+constexpr int kFwdSmem = 33 * static_cast<int>(sizeof(RowState));
 
 __device__ __forceinline__ RowState identity_state() { return {-INFINITY, 0.f, 0.f, 0.f, 0}; }
 
@@ -65,7 +126,7 @@ __device__ __forceinline__ RowState identity_state() { return {-INFINITY, 0.f, 0
 __device__ __forceinline__ void merge(RowState& a, const RowState& b) {
   const float m = fmaxf(a.m, b.m);
   if (m != -INFINITY) {
-    a.s = a.s * __expf(a.m - m) + b.s * __expf(b.m - m);
+    a.s = a.s * fast_exp(a.m - m) + b.s * fast_exp(b.m - m);
     const float sa = a.wf != 0.f ? a.S - a.wf * (m - a.m) : a.S;
     const float sb = b.wf != 0.f ? b.S - b.wf * (m - b.m) : b.S;
     a.S = sa + sb;
@@ -75,26 +136,31 @@ __device__ __forceinline__ void merge(RowState& a, const RowState& b) {
   a.m = m;
 }
 
-__device__ __forceinline__ RowState shfl_xor(const RowState& st, int off) {
-  return {__shfl_xor_sync(kFull, st.m, off), __shfl_xor_sync(kFull, st.s, off), __shfl_xor_sync(kFull, st.S, off),
-          __shfl_xor_sync(kFull, st.wf, off), __shfl_xor_sync(kFull, st.flags, off)};
+__device__ __forceinline__ RowState shfl_state(const RowState& st, int off) {
+  RowState o;
+  o.m = shfl_xor_f(st.m, off);
+  o.s = shfl_xor_f(st.s, off);
+  o.S = shfl_xor_f(st.S, off);
+  o.wf = shfl_xor_f(st.wf, off);
+  o.flags = shfl_xor_i(st.flags, off);
+  return o;
 }
 
 // Every thread returns the merged state of the block (blockDim.x a multiple of 32).
-__device__ RowState block_reduce(RowState st) {
-  __shared__ RowState warp_states[32];
-  __shared__ RowState result;
-  for (int off = 16; off > 0; off >>= 1) merge(st, shfl_xor(st, off));
+__device__ __forceinline__ RowState block_reduce(RowState st, RowState* smem) {
+  RowState* warp_states = smem;  // [32]
+  RowState* result = smem + 32;
+  for (int off = 16; off > 0; off >>= 1) merge(st, shfl_state(st, off));
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0) warp_states[warp] = st;
-  __syncthreads();
+  block_sync();
   if (warp == 0) {
-    st = lane < (blockDim.x >> 5) ? warp_states[lane] : identity_state();
-    for (int off = 16; off > 0; off >>= 1) merge(st, shfl_xor(st, off));
-    if (lane == 0) result = st;
+    st = lane < static_cast<int>(blockDim.x >> 5) ? warp_states[lane] : identity_state();
+    for (int off = 16; off > 0; off >>= 1) merge(st, shfl_state(st, off));
+    if (lane == 0) *result = st;
   }
-  __syncthreads();
-  return result;
+  block_sync();
+  return *result;
 }
 
 // Fold a pack of VEC logits (as fp32) into a thread's state.
@@ -107,13 +173,13 @@ __device__ __forceinline__ void absorb(RowState& st, const float (&x)[VEC], cons
     vm = fmaxf(vm, x[k]);
   }
   if (vm > st.m) {  // rescale to the new max (st.m = -inf: s is 0 and exp(-inf) = 0)
-    st.s *= __expf(st.m - vm);
+    st.s *= fast_exp(st.m - vm);
     if (st.wf != 0.f) st.S -= st.wf * (vm - st.m);
     st.m = vm;
   }
   if (st.m != -INFINITY) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) st.s += __expf(x[k] - st.m);
+    for (int k = 0; k < VEC; ++k) st.s += fast_exp(x[k] - st.m);
   }
   if (smooth) {
 #pragma unroll
@@ -129,139 +195,215 @@ __device__ __forceinline__ void absorb(RowState& st, const float (&x)[VEC], cons
   }
 }
 
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ void load_pack(const scalar_t* p, float (&x)[VEC]) {
-  const Pack<scalar_t, VEC> pk = *reinterpret_cast<const Pack<scalar_t, VEC>*>(p);
+template <typename T, int VEC>
+__device__ __forceinline__ void load_pack(const T* p, float (&x)[VEC]) {
+  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) x[k] = static_cast<float>(pk.v[k]);
+  for (int k = 0; k < VEC; ++k) x[k] = to_float(pk.v[k]);
 }
 
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ void store_pack(scalar_t* p, const float (&x)[VEC]) {
-  Pack<scalar_t, VEC> pk;
+template <typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* p, const float (&x)[VEC]) {
+  Pack<T, VEC> pk;
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) pk.v[k] = static_cast<scalar_t>(x[k]);
-  *reinterpret_cast<Pack<scalar_t, VEC>*>(p) = pk;
+  for (int k = 0; k < VEC; ++k) pk.v[k] = from_float<T>(x[k]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
 }
 
 // dr[c] = g dloss/dx_c for one row; dr may alias xr (each pack is read, then written, by one thread).
-template <typename scalar_t, int VEC>
-__device__ void row_grad(const scalar_t* xr, scalar_t* dr, const float* w, int64_t C, int64_t t, float hi, float lo,
-                         float coef, float a, float b) {
+template <typename T, int VEC>
+__device__ __forceinline__ void row_grad(const T* xr, T* dr, const float* w, int64_t C, int64_t t, float hi,
+                                         float lo, float coef, float a, float b) {
   for (int64_t j = static_cast<int64_t>(threadIdx.x) * VEC; j < C; j += static_cast<int64_t>(blockDim.x) * VEC) {
     float x[VEC];
-    load_pack<scalar_t, VEC>(xr + j, x);
+    load_pack<T, VEC>(xr + j, x);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      float d = __expf((x[k] - hi) - lo) * coef;
+      float d = fast_exp((x[k] - hi) - lo) * coef;
       if (a != 0.f) d -= a * (w ? w[j + k] : 1.f);
       if (j + k == t) d -= b;
       x[k] = d;
     }
-    store_pack<scalar_t, VEC>(dr + j, x);
+    store_pack<T, VEC>(dr + j, x);
   }
 }
 
-template <typename scalar_t, int VEC>
-__device__ void row_fill(scalar_t* dr, int64_t C, float value) {
+template <typename T, int VEC>
+__device__ __forceinline__ void row_fill(T* dr, int64_t C, float value) {
   float v[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) v[k] = value;
   for (int64_t j = static_cast<int64_t>(threadIdx.x) * VEC; j < C; j += static_cast<int64_t>(blockDim.x) * VEC) {
-    store_pack<scalar_t, VEC>(dr + j, v);
+    store_pack<T, VEC>(dr + j, v);
   }
 }
 
-// x: [N, C]; loss: [N]; lse: [N, 2] (hi, lo); grid = N blocks. WRITE_GRAD also writes
-// d(Σ loss)/dx over x. w_total: device scalar Σ w (nullptr without weights).
-template <typename scalar_t, int VEC, bool WRITE_GRAD>
-__global__ void cross_entropy_fwd_kernel(scalar_t* x, const int64_t* __restrict__ target, const float* __restrict__ w,
-                                         const float* __restrict__ w_total, float* __restrict__ loss,
-                                         float* __restrict__ lse, int* __restrict__ err, int64_t C,
-                                         int64_t ignore_index, float eps) {
-  const int64_t row = blockIdx.x;
-  scalar_t* xr = x + row * C;
-  const int64_t t = target[row];
-  if (t == ignore_index || t < 0 || t >= C) {
-    const bool bad = t != ignore_index;
+// One block per row: loss[row], lse[row] = (hi, lo); WRITE_GRAD also writes
+// d(Σ loss)/dx over the row of x. Dynamic shared memory: kFwdSmem bytes.
+template <typename T, int VEC, bool WRITE_GRAD>
+__global__ void _cross_entropy_fwd_kernel(const CeParams p) {
+  LLMFAST_DYN_SMEM(smem_raw);
+  RowState* smem = reinterpret_cast<RowState*>(smem_raw);
+  const int64_t row = blockIdx.x, C = p.C;
+  T* xr = static_cast<T*>(p.x) + row * C;
+  const int64_t t = p.target[row];
+  const float eps = p.eps;
+  if (t == p.ignore_index || t < 0 || t >= C) {
+    const bool bad = t != p.ignore_index;
     if (threadIdx.x == 0) {
       const float v = bad ? NAN : 0.f;
-      loss[row] = v;
-      lse[2 * row] = v;
-      lse[2 * row + 1] = v;
-      if (bad) *err = 1;
+      p.loss[row] = v;
+      p.lse[2 * row] = v;
+      p.lse[2 * row + 1] = v;
+      if (bad) *p.err = 1;
     }
-    if (WRITE_GRAD) row_fill<scalar_t, VEC>(xr, C, bad ? NAN : 0.f);
+    if (WRITE_GRAD) row_fill<T, VEC>(xr, C, bad ? NAN : 0.f);
     return;
   }
   const bool smooth = eps != 0.f;
   RowState st = identity_state();
   for (int64_t j = static_cast<int64_t>(threadIdx.x) * VEC; j < C; j += static_cast<int64_t>(blockDim.x) * VEC) {
     float xv[VEC];
-    load_pack<scalar_t, VEC>(xr + j, xv);
-    absorb<VEC>(st, xv, w ? w + j : nullptr, smooth);
+    load_pack<T, VEC>(xr + j, xv);
+    absorb<VEC>(st, xv, p.w ? p.w + j : nullptr, smooth);
   }
-  st = block_reduce(st);
+  st = block_reduce(st, smem);
 
   // Every thread derives the same row results from the shared state.
   float hi, lo, ls;
   if (st.flags & 2) {  // a NaN anywhere poisons the row, as in torch
     hi = lo = ls = NAN;
   } else {
-    ls = __logf(st.s);
+    ls = fast_log(st.s);
     // lse = hi + lo exactly (Knuth's TwoSum; no products, so fma contraction can't touch it)
     hi = st.m + ls;
     const float bb = hi - st.m;
-    lo = isfinite(hi) ? (st.m - (hi - bb)) + (ls - bb) : 0.f;
+    lo = is_finite(hi) ? (st.m - (hi - bb)) + (ls - bb) : 0.f;
   }
-  const float wt = w ? w[t] : 1.f;
+  const float wt = p.w ? p.w[t] : 1.f;
   if (threadIdx.x == 0) {
-    const float xt = static_cast<float>(xr[t]);
+    const float xt = to_float(xr[t]);
     float l = (1.f - eps) * wt * ((st.m - xt) + ls);  // lse - x_t, exact when x_t is the max
     if (smooth) l += eps / static_cast<float>(C) * ((st.flags & 1) ? INFINITY : st.wf * ls - st.S);
-    loss[row] = (st.flags & 2) ? NAN : l;
-    lse[2 * row] = hi;
-    lse[2 * row + 1] = lo;
+    p.loss[row] = (st.flags & 2) ? NAN : l;
+    p.lse[2 * row] = hi;
+    p.lse[2 * row + 1] = lo;
   }
   if (WRITE_GRAD) {
-    __syncthreads();  // thread 0 read x[t] above; the gradient overwrites it
-    const float W = w ? *w_total : static_cast<float>(C);
+    block_sync();  // thread 0 read x[t] above; the gradient overwrites it
+    const float W = p.w ? *p.w_total : static_cast<float>(C);
     const float coef = (1.f - eps) * wt + eps / static_cast<float>(C) * W;
-    row_grad<scalar_t, VEC>(xr, xr, w, C, t, hi, lo, coef, eps / static_cast<float>(C), (1.f - eps) * wt);
+    row_grad<T, VEC>(xr, xr, p.w, C, t, hi, lo, coef, eps / static_cast<float>(C), (1.f - eps) * wt);
   }
 }
 
-// g: [N] fp32; lse: [N, 2] fp32; x, dx: [N, C]; grid = N blocks.
-template <typename scalar_t, int VEC>
-__global__ void cross_entropy_bwd_kernel(const float* __restrict__ g, const scalar_t* __restrict__ x,
-                                         const int64_t* __restrict__ target, const float* __restrict__ w,
-                                         const float* __restrict__ w_total, const float* __restrict__ lse,
-                                         scalar_t* __restrict__ dx, int64_t C, int64_t ignore_index, float eps) {
-  const int64_t row = blockIdx.x;
-  const int64_t t = target[row];
-  scalar_t* dr = dx + row * C;
-  if (t == ignore_index || t < 0 || t >= C) {  // the forward raised on bad targets; never index with them
-    row_fill<scalar_t, VEC>(dr, C, 0.f);
+// One block per row: dx[row] = g[row] dloss_row/dx[row] from (x, lse).
+template <typename T, int VEC>
+__global__ void _cross_entropy_bwd_kernel(const CeParams p) {
+  const int64_t row = blockIdx.x, C = p.C;
+  const int64_t t = p.target[row];
+  T* dr = static_cast<T*>(p.dx) + row * C;
+  if (t == p.ignore_index || t < 0 || t >= C) {  // the forward raised on bad targets; never index with them
+    row_fill<T, VEC>(dr, C, 0.f);
     return;
   }
-  const float gr = g[row];
-  const float wt = w ? w[t] : 1.f;
-  const float W = w ? *w_total : static_cast<float>(C);
-  const float coef = gr * ((1.f - eps) * wt + eps / static_cast<float>(C) * W);
-  row_grad<scalar_t, VEC>(x + row * C, dr, w, C, t, lse[2 * row], lse[2 * row + 1], coef,
-                          gr * eps / static_cast<float>(C), gr * (1.f - eps) * wt);
+  const float g = p.g[row], eps = p.eps;
+  const float wt = p.w ? p.w[t] : 1.f;
+  const float W = p.w ? *p.w_total : static_cast<float>(C);
+  const float coef = g * ((1.f - eps) * wt + eps / static_cast<float>(C) * W);
+  row_grad<T, VEC>(static_cast<const T*>(p.x) + row * C, dr, p.w, C, t, p.lse[2 * row], p.lse[2 * row + 1], coef,
+                   g * eps / static_cast<float>(C), g * (1.f - eps) * wt);
 }
 
-// ----------------------------------------------------------------------------------
-// Launchers
+// ------------------------------------------------------------------------------------------
+// Launchers (shared by the torch binding and the dev program)
+// ------------------------------------------------------------------------------------------
+enum class DType { kFloat, kHalf, kBFloat16 };
 
-int threads_for(int64_t C, int vec) {
+inline int elem_bytes(DType dt) { return dt == DType::kFloat ? 4 : 2; }
+
+// Threads per row: enough 16-byte packs in flight to cover the row, at most 512.
+inline int threads_for(int64_t C, int vec) {
   int threads = 32;
   while (threads < kMaxThreads && static_cast<int64_t>(threads) * vec < C) threads *= 2;
   return threads;
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+template <typename Kernel>
+inline void launch(Kernel kernel, int64_t rows, int threads, int smem, cudaStream_t stream, const CeParams& p) {
+#ifdef LLMFAST_EMU
+  (void)stream;
+  ::emu::launch(kernel, dim3(static_cast<unsigned>(rows)), dim3(threads), smem, p);
+#else
+  kernel<<<static_cast<unsigned>(rows), threads, smem, stream>>>(p);
+#endif
+}
+
+template <typename F>
+inline void dispatch(DType dt, F&& f) {
+  if (dt == DType::kHalf) return f(__half{});
+  if (dt == DType::kBFloat16) return f(__nv_bfloat16{});
+  return f(float{});
+}
+
+// Forward over `rows` rows (>= 1). Vector loads when every row starts 16-byte aligned.
+inline void cross_entropy_fwd_launch(const CeParams& p, DType dt, int64_t rows, bool write_grad, cudaStream_t stream) {
+  dispatch(dt, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int kVec = 16 / sizeof(T);
+    const bool vec = aligned16(p.x) && p.C % kVec == 0;
+    const int threads = threads_for(p.C, vec ? kVec : 1);
+    if (write_grad) {
+      vec ? launch(_cross_entropy_fwd_kernel<T, kVec, true>, rows, threads, kFwdSmem, stream, p)
+          : launch(_cross_entropy_fwd_kernel<T, 1, true>, rows, threads, kFwdSmem, stream, p);
+    } else {
+      vec ? launch(_cross_entropy_fwd_kernel<T, kVec, false>, rows, threads, kFwdSmem, stream, p)
+          : launch(_cross_entropy_fwd_kernel<T, 1, false>, rows, threads, kFwdSmem, stream, p);
+    }
+  });
+}
+
+inline void cross_entropy_bwd_launch(const CeParams& p, DType dt, int64_t rows, cudaStream_t stream) {
+  dispatch(dt, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int kVec = 16 / sizeof(T);
+    const bool vec = aligned16(p.x) && aligned16(p.dx) && p.C % kVec == 0;
+    const int threads = threads_for(p.C, vec ? kVec : 1);
+    vec ? launch(_cross_entropy_bwd_kernel<T, kVec>, rows, threads, 0, stream, p)
+        : launch(_cross_entropy_bwd_kernel<T, 1>, rows, threads, 0, stream, p);
+  });
+}
+
+}  // namespace llmfast::xent
+
+#ifndef LLMFAST_CROSS_ENTROPY_STANDALONE
+// ------------------------------------------------------------------------------------------
+// torch binding
+// ------------------------------------------------------------------------------------------
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace llmfast::xent {
+namespace {
+
+using at::Tensor;
+
+DType dtype_of(const Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: return DType::kFloat;
+  }
+}
 
 void check_inputs(const char* name, const Tensor& x, const Tensor& target, const std::optional<Tensor>& weight,
                   double label_smoothing) {
@@ -288,6 +430,15 @@ void check_inputs(const char* name, const Tensor& x, const Tensor& target, const
               label_smoothing);
 }
 
+// Fills the weight fields of p; the returned tensor (Σ w) must outlive the launch.
+Tensor set_weight(CeParams& p, const std::optional<Tensor>& weight) {
+  if (!weight.has_value()) return Tensor();
+  Tensor total = weight->sum();
+  p.w = weight->const_data_ptr<float>();
+  p.w_total = total.const_data_ptr<float>();
+  return total;
+}
+
 std::tuple<Tensor, Tensor> fwd_impl(const char* name, Tensor& x, const Tensor& target,
                                     const std::optional<Tensor>& weight, int64_t ignore_index,
                                     double label_smoothing, bool write_grad) {
@@ -299,31 +450,18 @@ std::tuple<Tensor, Tensor> fwd_impl(const char* name, Tensor& x, const Tensor& t
   if (N == 0) return {loss, lse};
   TORCH_CHECK(C > 0, name, ": logits have 0 classes");
   Tensor err = at::zeros({1}, x.options().dtype(at::kInt));
-  const float* w = weight.has_value() ? weight->const_data_ptr<float>() : nullptr;
-  Tensor w_total;
-  if (weight.has_value()) w_total = weight->sum();
-  const float* wt_ptr = weight.has_value() ? w_total.const_data_ptr<float>() : nullptr;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  LLMFAST_DISPATCH_F32_F16_BF16(x.scalar_type(), "llmfast_cross_entropy_fwd_cuda", [&] {
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    scalar_t* xp = x.mutable_data_ptr<scalar_t>();
-    const bool vec = aligned16(xp) && C % kVec == 0;
-    const int threads = threads_for(C, vec ? kVec : 1);
-    auto launch = [&](auto kernel) {
-      kernel<<<static_cast<unsigned>(N), threads, 0, stream>>>(xp, target.const_data_ptr<int64_t>(), w, wt_ptr,
-                                                               loss.mutable_data_ptr<float>(),
-                                                               lse.mutable_data_ptr<float>(),
-                                                               err.mutable_data_ptr<int>(), C, ignore_index,
-                                                               static_cast<float>(label_smoothing));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (write_grad) {
-      vec ? launch(cross_entropy_fwd_kernel<scalar_t, kVec, true>) : launch(cross_entropy_fwd_kernel<scalar_t, 1, true>);
-    } else {
-      vec ? launch(cross_entropy_fwd_kernel<scalar_t, kVec, false>)
-          : launch(cross_entropy_fwd_kernel<scalar_t, 1, false>);
-    }
-  });
+  CeParams p{};
+  p.x = x.data_ptr();
+  p.target = target.const_data_ptr<int64_t>();
+  const Tensor w_total = set_weight(p, weight);
+  p.loss = loss.mutable_data_ptr<float>();
+  p.lse = lse.mutable_data_ptr<float>();
+  p.err = err.mutable_data_ptr<int>();
+  p.C = C;
+  p.ignore_index = ignore_index;
+  p.eps = static_cast<float>(label_smoothing);
+  cross_entropy_fwd_launch(p, dtype_of(x), N, write_grad, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (!write_grad) {
     // One host sync per call buys a clear error instead of a device assert or garbage.
     // fwd_grad skips it: its caller (the fused linear + CE) checks targets once up front.
@@ -359,27 +497,19 @@ Tensor cross_entropy_bwd(const Tensor& grad_loss, const Tensor& logits, const Te
               name, ": lse must be contiguous float32 [", logits.size(0), ", 2] on ", logits.device());
   c10::cuda::CUDAGuard guard(logits.device());
   Tensor dx = at::empty_like(logits);
-  const int64_t N = logits.size(0), C = logits.size(1);
   if (logits.numel() == 0) return dx;
-  const float* w = weight.has_value() ? weight->const_data_ptr<float>() : nullptr;
-  Tensor w_total;
-  if (weight.has_value()) w_total = weight->sum();
-  const float* wt_ptr = weight.has_value() ? w_total.const_data_ptr<float>() : nullptr;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  LLMFAST_DISPATCH_F32_F16_BF16(logits.scalar_type(), "llmfast_cross_entropy_bwd_cuda", [&] {
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    const scalar_t* xp = logits.const_data_ptr<scalar_t>();
-    scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
-    const bool vec = aligned16(xp) && aligned16(dp) && C % kVec == 0;
-    const int threads = threads_for(C, vec ? kVec : 1);
-    auto launch = [&](auto kernel) {
-      kernel<<<static_cast<unsigned>(N), threads, 0, stream>>>(
-          grad_loss.const_data_ptr<float>(), xp, target.const_data_ptr<int64_t>(), w, wt_ptr,
-          lse.const_data_ptr<float>(), dp, C, ignore_index, static_cast<float>(label_smoothing));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    vec ? launch(cross_entropy_bwd_kernel<scalar_t, kVec>) : launch(cross_entropy_bwd_kernel<scalar_t, 1>);
-  });
+  CeParams p{};
+  p.x = const_cast<void*>(logits.const_data_ptr());  // read only in the backward kernel
+  p.target = target.const_data_ptr<int64_t>();
+  const Tensor w_total = set_weight(p, weight);
+  p.lse = const_cast<float*>(lse.const_data_ptr<float>());  // read only in the backward kernel
+  p.g = grad_loss.const_data_ptr<float>();
+  p.dx = dx.data_ptr();
+  p.C = logits.size(1);
+  p.ignore_index = ignore_index;
+  p.eps = static_cast<float>(label_smoothing);
+  cross_entropy_bwd_launch(p, dtype_of(logits), logits.size(0), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dx;
 }
 
@@ -391,4 +521,5 @@ TORCH_LIBRARY_IMPL(llmfast, CUDA, m) {
   m.impl("cross_entropy_fwd_grad", &cross_entropy_fwd_grad);
 }
 
-}  // namespace llmfast::cuda
+}  // namespace llmfast::xent
+#endif  // LLMFAST_CROSS_ENTROPY_STANDALONE

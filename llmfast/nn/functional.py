@@ -364,6 +364,22 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
 # cross-entropy
 
 
+def _autocast_dtype(t: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype in force for ``t``'s device type, or None."""
+    kind = t.device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def _loss_dtype(input: Tensor) -> torch.dtype:
+    # Under autocast torch runs cross_entropy in fp32 (its fp32 op list) and returns fp32;
+    # the kernels already compute in fp32, so only the result's dtype follows that rule.
+    if input.dtype in (torch.float16, torch.bfloat16) and _autocast_dtype(input) is not None:
+        return torch.float32
+    return input.dtype
+
+
 def _check_reduction(size_average, reduce, reduction) -> str:
     if size_average is not None or reduce is not None:  # the legacy arguments win, as in torch (with its warning)
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
@@ -454,7 +470,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     x = x.reshape(-1, C).contiguous()
     t = target.reshape(-1).to(torch.int64).contiguous()
     w = None if weight is None else weight.to(acc_dtype(input.dtype)).contiguous()
-    out = ops.cross_entropy(x, t, w, ignore_index, reduction, float(label_smoothing), which)
+    out = ops.cross_entropy(x, t, w, ignore_index, reduction, float(label_smoothing), which, _loss_dtype(input))
     return out.reshape(target.shape) if reduction == "none" else out
 
 
@@ -481,6 +497,10 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
     name = "fused_linear_cross_entropy"
     _check_float(name, "hidden", hidden)
     _check_float(name, "weight", weight)
+    low = _autocast_dtype(hidden)
+    if low is not None:  # as F.linear under autocast: the projection runs in the autocast dtype
+        hidden, weight = hidden.to(low), weight.to(low)
+        bias = None if bias is None or not isinstance(bias, Tensor) else bias.to(low)
     reduction = _check_reduction(None, None, reduction)
     _check_smoothing(name, label_smoothing)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
@@ -512,7 +532,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
     t = target.reshape(-1).to(torch.int64).contiguous()
     cw = None if class_weight is None else class_weight.to(acc_dtype(hidden.dtype)).contiguous()
     out = ops.fused_linear_cross_entropy(h, weight.contiguous(), t, None if bias is None else bias.contiguous(), cw,
-                                         ignore_index, reduction, float(label_smoothing), chunk_size, which)
+                                         ignore_index, reduction, float(label_smoothing), chunk_size, which,
+                                         _loss_dtype(hidden))
     return out.reshape(target.shape) if reduction == "none" else out
 
 

@@ -95,13 +95,69 @@ attention_bwd_triton.register_fake(_bwd_fake)
 attention_fwd_triton.register_autograd(_make_backward(attention_bwd_triton), setup_context=_setup_context)
 
 
+# Dropout with a seed drawn inside the call (scaled_dot_product_attention, the module's
+# training mode): the seed travels as an int64 scalar tensor, read with .item() only
+# inside these ops, so torch.compile(fullgraph=True) traces the draw (torch.randint)
+# instead of guarding on a data-dependent Python int, and every call gets a fresh mask.
+# The kernels are the same; ``backend`` picks them.
+
+
+def _kernel_ops(backend: str):
+    if backend == "triton":
+        return attention_fwd_triton, attention_bwd_triton
+    return native("attention_fwd"), native("attention_bwd")
+
+
+@torch.library.custom_op("llmfast::attention_fwd_seeded", mutates_args=())
+def attention_fwd_seeded(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool,
+                         dropout_p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    return _kernel_ops(backend)[0](q, k, v, mask, scale, is_causal, dropout_p, int(seed.item()))
+
+
+@torch.library.custom_op("llmfast::attention_bwd_seeded", mutates_args=())
+def attention_bwd_seeded(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                         mask: Optional[Tensor], scale: float, is_causal: bool, dropout_p: float, seed: Tensor,
+                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernel_ops(backend)[1](grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p, int(seed.item()))
+
+
+@attention_fwd_seeded.register_fake
+def _(q, k, v, mask, scale, is_causal, dropout_p, seed, backend):
+    return _fwd_fake(q, k, v, mask, scale, is_causal, dropout_p, 0)
+
+
+@attention_bwd_seeded.register_fake
+def _(grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p, seed, backend):
+    return _bwd_fake(grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p, 0)
+
+
+def _seeded_setup_context(ctx, inputs, output):
+    q, k, v, mask, scale, is_causal, dropout_p, seed, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+    ctx.args = (scale, is_causal, dropout_p)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _seeded_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, mask, seed = ctx.saved_tensors
+    dq, dk, dv = attention_bwd_seeded(grad_out.to(out.dtype).contiguous(), q, k, v, out, lse, mask, *ctx.args, seed,
+                                      ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+attention_fwd_seeded.register_autograd(_seeded_backward, setup_context=_seeded_setup_context)
+
+
 # ----------------------------------------------------------------------------------
 # Canonical form
 
 
-def draw_seed() -> int:
-    """A dropout seed from torch's default CPU generator (so ``torch.manual_seed`` fixes it)."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+def draw_seed() -> Tensor:
+    """A dropout seed (int64 scalar tensor) from torch's default CPU generator, so
+    ``torch.manual_seed`` fixes it; traceable by torch.compile."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
 def _last_contiguous(x: Tensor) -> Tensor:
@@ -123,9 +179,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, *,
     which = backends.resolve("attention", q)
     if which != "torch" and mask is not None and mask.requires_grad:
         which = "torch"  # the kernels give no gradient for an additive mask; autograd through the reference does
+    seed = 0 if seed is None else seed  # an int, or a tensor from draw_seed()
     if which == "torch" or dropout_p >= 1:
         return reference.attention(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
-                                   seed=seed or 0)
+                                   seed=seed)
     B, H, L, _ = q.shape
     S = k.shape[2]
     if mask is not None:
@@ -133,8 +190,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, *,
             mask = mask.to(torch.float32)  # kernels read additive masks as fp32
         mask = mask.expand(B, H, L, S)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
-    op = attention_fwd_triton if which == "triton" else native("attention_fwd")
-    return op(q, k, v, mask, scale, bool(is_causal), dropout_p, int(seed or 0))
+    if isinstance(seed, Tensor):
+        return attention_fwd_seeded(q, k, v, mask, scale, bool(is_causal), dropout_p, seed, which)
+    return _kernel_ops(which)[0](q, k, v, mask, scale, bool(is_causal), dropout_p, int(seed))
 
 
 def checks():

@@ -141,15 +141,15 @@ def reduce_rows(loss: Tensor, target: Tensor, weight: Optional[Tensor], ignore_i
 
 
 def cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
-                  label_smoothing: float, which: str) -> Tensor:
+                  label_smoothing: float, which: str, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Cross-entropy of ``logits`` [N, C] against class indices ``target`` [N] on backend ``which``.
 
     Arguments are assumed checked and canonical (``llmfast.nn.functional`` does that):
     logits contiguous, target int64, weight None or [C] in ``acc_dtype(logits.dtype)``.
-    Returns the loss in ``logits.dtype``: [N] for 'none', a scalar otherwise.
+    Returns the loss in ``out_dtype`` (default ``logits.dtype``): [N] for 'none', a scalar otherwise.
     """
     loss, _ = fwd_op(which)(logits, target, weight, int(ignore_index), float(label_smoothing))
-    return reduce_rows(loss, target, weight, ignore_index, reduction, logits.dtype)
+    return reduce_rows(loss, target, weight, ignore_index, reduction, out_dtype or logits.dtype)
 
 
 def checks():

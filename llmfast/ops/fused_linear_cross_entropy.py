@@ -226,14 +226,21 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(hidden, weight, bias, target, class_weight, lse, scale)
 
 
+def _scale(saved: Tensor, g: Tensor) -> Tensor:
+    # Out of place: scaling the saved tensor in place would spare one parameter-sized
+    # buffer at backward time, but it mutates an output of the op after the fact, which
+    # opcheck rejects and AOT autograd's partitioner cannot trace.
+    return saved * g.to(saved.dtype)
+
+
 def _backward(ctx, grad_loss, _g_lse, _g_gh, _g_gw, _g_gb):
     want = ctx.needs_input_grad
     if ctx.grad_mask:
         gh, gw, gb, scale = ctx.saved_tensors
         g = grad_loss.reshape(()) * scale
-        dh = gh * g.to(gh.dtype) if want[0] and ctx.grad_mask & GRAD_HIDDEN else None
-        dw = gw * g.to(gw.dtype) if want[1] and ctx.grad_mask & GRAD_WEIGHT else None
-        db = gb * g.to(gb.dtype) if want[2] and ctx.has_bias and ctx.grad_mask & GRAD_BIAS else None
+        dh = _scale(gh, g) if want[0] and ctx.grad_mask & GRAD_HIDDEN else None
+        dw = _scale(gw, g) if want[1] and ctx.grad_mask & GRAD_WEIGHT else None
+        db = _scale(gb, g) if want[2] and ctx.has_bias and ctx.grad_mask & GRAD_BIAS else None
     else:
         hidden, weight, bias, target, class_weight, lse, scale = ctx.saved_tensors
         rows = grad_loss.to(lse.dtype) * scale
@@ -257,10 +264,11 @@ fused_linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup
 
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                                class_weight: Optional[Tensor], ignore_index: int, reduction: str,
-                               label_smoothing: float, chunk_size: Optional[int], which: str) -> Tensor:
+                               label_smoothing: float, chunk_size: Optional[int], which: str,
+                               out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """hidden [N, H] contiguous, weight [V, H] contiguous, target [N] int64, bias [V]?,
     class_weight None or [V] in the accumulation dtype; arguments checked by the caller.
-    Returns the loss in hidden's dtype ([N] for 'none')."""
+    Returns the loss in ``out_dtype`` (default hidden's dtype; [N] for 'none')."""
     N, H = hidden.shape
     V = weight.shape[0]
     chunk = int(chunk_size) if chunk_size else default_chunk_size(N, H, V)
@@ -270,7 +278,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
                      | (GRAD_BIAS if bias is not None and bias.requires_grad else 0))
     loss, *_ = fused_linear_cross_entropy_fwd(hidden, weight, bias, target, class_weight, int(ignore_index),
                                               float(label_smoothing), reduction, grad_mask, chunk, which)
-    return loss.to(hidden.dtype)
+    return loss.to(out_dtype or hidden.dtype)
 
 
 def checks():
