@@ -447,6 +447,25 @@ def cmd_train(args) -> int:
 # --compare: tokens/s and peak memory per backend, one process, same model and batches
 
 
+def _steady_state_malloc() -> None:
+    """Undo, for timing, the allocator setting peak_memory_mb needs.
+
+    For a faithful high-water mark peak_memory_mb fixes glibc's mmap threshold at 64 KiB, so
+    every activation is a fresh mmap and munmap (page faults on each step: a third of the
+    step time here). By default glibc raises that threshold to the largest block freed so
+    far (at most 32 MiB on 64-bit) and keeps the heap, so a training loop reuses warm memory;
+    setting 32 MiB / 64 MiB trim restores that steady state.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 64 << 20)   # M_TRIM_THRESHOLD
+
+
 def _compare(args, model_cfg, h, device, threads_note) -> int:
     import llmfast
     from llmfast.bench import peak_memory_mb
@@ -484,6 +503,7 @@ def _compare(args, model_cfg, h, device, threads_note) -> int:
         with llmfast.backend(r["name"]):
             train_steps(r, 2)   # warm-up (and compilation)
             r["peak"] = peak_memory_mb(lambda: train_steps(r, 2), device.type)
+    _steady_state_malloc()
     # Timing rounds alternate the backends, so that a machine whose load changes (other jobs
     # on a shared box) slows each of them alike; the median round is reported.
     for _ in range(args.compare_rounds):
