@@ -17,8 +17,9 @@ Where llmfast saves work:
 * training loss is ``fused_linear_cross_entropy`` on the final hidden states: the
   [B*L, V] logits are never materialised (nor their gradient).
 
-Dropout, when asked for, is on the embeddings and on each residual branch; there is
-no dropout on attention probabilities (the flash kernel does not store them).
+Dropout, when asked for, is on the embeddings, on each residual branch, and on the
+attention probabilities inside the flash kernel (its counter-based RNG regenerates the
+same mask in backward, so nothing extra is stored).
 """
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = config.dropout
 
     def forward(self, x: Tensor, rope: Optional[tuple] = None) -> Tensor:
         B, L, C = x.shape
@@ -91,7 +93,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).view(B, L, 3, self.n_head, C // self.n_head).unbind(2)
         if rope is not None:
             q, k = _rope(q, *rope), _rope(k, *rope)
-        y = F.flash_attention(q, k, v, causal=True)
+        y = F.flash_attention(q, k, v, causal=True, dropout_p=self.attn_dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.reshape(B, L, C)))
 
 
