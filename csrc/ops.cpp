@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/stream.h"
+
 TORCH_LIBRARY(llmfast, m) {
   // softmax / log_softmax over the last dim of input: [A, B, L, N] (contiguous).
   // mask: None, or bool (True = keep) / float32 (additive), viewed as [A, B, L, N]
@@ -85,6 +87,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   if (mod == nullptr) return nullptr;
   PyModule_AddStringConstant(mod, "cpu_isa", LLMFAST_CPU_ISA);
   PyModule_AddStringConstant(mod, "cuda_archs", LLMFAST_CUDA_ARCHS);
+  PyModule_AddIntConstant(mod, "cpu_stream_bytes", static_cast<long>(llmfast::cpu::stream_min_bytes()));
 #ifdef LLMFAST_WITH_CUDA
   PyModule_AddIntConstant(mod, "with_cuda", 1);
 #else

@@ -63,7 +63,9 @@ def cmd_info(args):
         print(f"llmfast._C: not built: {err}")
     else:
         print(f"llmfast._C: built (CPU ISA {ext.cpu_isa}; CUDA "
-              f"{'archs ' + ext.cuda_archs if ext.with_cuda else 'not built'})")
+              f"{'archs ' + ext.cuda_archs if ext.with_cuda else 'not built'}); CPU outputs of "
+              f"{ext.cpu_stream_bytes / 2**20:g} MiB or more are written with streaming stores "
+              f"(LLMFAST_CPU_STREAM_BYTES)")
     print(f"backend setting: {backends.current()} (LLMFAST_BACKEND / llmfast.backend())\n")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for op, spec in sorted(backends.OPS.items()):

@@ -31,13 +31,7 @@ void layer_norm_fwd_rows(const Tensor& x, const Tensor& r, const Tensor& w, cons
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
-  const int64_t M = x.size(0), N = x.size(1);
-  const int64_t sx = x.stride(0), sr = r.defined() ? r.stride(0) : 0;
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* sp = r.defined() ? s.mutable_data_ptr<scalar_t>() : nullptr;
-  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const int64_t N = x.size(1);
   const acc_t* wp = ptr_or_null<acc_t>(w);
   const acc_t* bp = ptr_or_null<acc_t>(b);
   acc_t* mp = mean_t.mutable_data_ptr<acc_t>();
@@ -46,32 +40,24 @@ void layer_norm_fwd_rows(const Tensor& x, const Tensor& r, const Tensor& w, cons
 
   with_flags(wp != nullptr, bp != nullptr, [&](auto has_w, auto has_b) {
     constexpr bool HW = decltype(has_w)::value, HB = decltype(has_b)::value;
-    at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> in_buf(same ? 0 : N), in_buf2(same || !rp ? 0 : N), out_buf(same ? 0 : N);
-      for (int64_t m = begin; m < end; ++m) {
-        const acc_t* xr = norm_input_row<scalar_t, acc_t>(xp + m * sx, rp ? rp + m * sr : nullptr,
-                                                          sp ? sp + m * N : nullptr, N, in_buf.data(), in_buf2.data());
-        acc_t mu, var;
-        row_mean_var(xr, N, mu, var);
-        const acc_t rs = acc_t(1) / std::sqrt(var + eps);
-        mp[m] = mu;
-        rsp[m] = rs;
-
-        acc_t* yr = row_buffer<scalar_t, acc_t>(yp + m * N, out_buf.data());
-        const Vec vmu(mu), vrs(rs);
-        for_vectors<V>(0, N, [&](int64_t j, int64_t cnt) {
-          Vec v = (Vec::loadu(xr + j, cnt) - vmu) * vrs;  // centre first: x*rs - mu*rs would cancel
-          if constexpr (HW && HB) {
-            v = at::vec::fmadd(v, Vec::loadu(wp + j, cnt), Vec::loadu(bp + j, cnt));
-          } else if constexpr (HW) {
-            v = v * Vec::loadu(wp + j, cnt);
-          } else if constexpr (HB) {
-            v = v + Vec::loadu(bp + j, cnt);
-          }
-          v.store(yr + j, cnt);
-        });
-        store_row<scalar_t, acc_t>(yr, yp + m * N, N);
-      }
+    norm_fwd_rows<scalar_t>(x, r, y, s, [&](int64_t m, const acc_t* xr, acc_t* yr) {
+      acc_t mu, var;
+      row_mean_var(xr, N, mu, var);
+      const acc_t rs = acc_t(1) / std::sqrt(var + eps);
+      mp[m] = mu;
+      rsp[m] = rs;
+      const Vec vmu(mu), vrs(rs);
+      for_vectors<V>(0, N, [&](int64_t j, int64_t cnt) {
+        Vec v = (Vec::loadu(xr + j, cnt) - vmu) * vrs;  // centre first: x*rs - mu*rs would cancel
+        if constexpr (HW && HB) {
+          v = at::vec::fmadd(v, Vec::loadu(wp + j, cnt), Vec::loadu(bp + j, cnt));
+        } else if constexpr (HW) {
+          v = v * Vec::loadu(wp + j, cnt);
+        } else if constexpr (HB) {
+          v = v + Vec::loadu(bp + j, cnt);
+        }
+        v.store(yr + j, cnt);
+      });
     });
   });
 }
@@ -95,12 +81,16 @@ void layer_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, co
   const acc_t* rsp = rstd_t.const_data_ptr<acc_t>();
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
   const bool params = dw_part != nullptr || db_part != nullptr;
+  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(scalar_t));
+  const OutputStream stream(x.size(0) * row_bytes);
+  const int64_t block = (stream.rows_per_block(row_bytes) + 1) / 2 * 2;  // even: rows go in pairs from even offsets
 
   with_flags(wp != nullptr, params, [&](auto has_w, auto has_params) {
     constexpr bool HW = decltype(has_w)::value, HP = decltype(has_params)::value;
     at::parallel_for(0, blocks.K, 1, [&](int64_t kb, int64_t ke) {
       std::vector<acc_t> bx0(same ? 0 : N), bx1(same ? 0 : N), bdy0(same ? 0 : N), bdy1(same ? 0 : N);
-      std::vector<acc_t> bds(same || !dsp ? 0 : N), bdx(same ? 0 : N);
+      std::vector<acc_t> bds(same || !dsp ? 0 : N);
+      RowOut<scalar_t> dx_out(stream, N);
       acc_t* bx[2] = {bx0.data(), bx1.data()};
       acc_t* bdy[2] = {bdy0.data(), bdy1.data()};
       // The current group's dw/db sums (both kept when either is needed: db costs one add).
@@ -173,7 +163,8 @@ void layer_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, co
           const acc_t* g_r = gr[r];
           const Vec mu = vmu[r], rs = vrs[r];
           const acc_t* dsr = dsp ? load_row<scalar_t, acc_t>(dsp + (m + r) * sds, N, bds.data()) : nullptr;
-          acc_t* dxr = row_buffer<scalar_t, acc_t>(dxp + (m + r) * N, bdx.data());
+          scalar_t* const dx_dst = dxp + (m + r) * N;
+          acc_t* dxr = dx_out.acc_row(dx_dst);
           auto out = [&](int64_t j, int64_t cnt) {
             const Vec xh = (Vec::loadu(x_r + j, cnt) - mu) * rs;
             Vec g = Vec::loadu(g_r + j, cnt);
@@ -185,7 +176,7 @@ void layer_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, co
           } else {
             for_vectors<V>(0, N, [&](int64_t j, int64_t cnt) { out(j, cnt).store(dxr + j, cnt); });
           }
-          store_row<scalar_t, acc_t>(dxr, dxp + (m + r) * N, N);
+          dx_out.finish(dx_dst, dxr);
         }
       };
 
@@ -195,6 +186,7 @@ void layer_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, co
         if (db_part) std::fill(db_part + k * N, db_part + (k + 1) * N, acc_t(0));
         // kGroup is even and groups start at even offsets, so a pair never straddles two
         for (int64_t m = b0; m < b1;) {
+          if (stream.on && (m - b0) % block == 0) stream.prepare(dxp + m * N, std::min(block, b1 - m) * row_bytes);
           if (HP && (m - b0) % kGroup == 0) {
             std::fill(pdw, pdw + N, acc_t(0));
             std::fill(pdb, pdb + N, acc_t(0));
@@ -212,6 +204,7 @@ void layer_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, co
           }
         }
       }
+      stream.fence();
     });
   });
 }

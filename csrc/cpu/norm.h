@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "cpu/row.h"
+#include "cpu/stream.h"
 
 namespace llmfast::cpu {
 
@@ -81,6 +82,46 @@ inline const acc_t* norm_input_row(const scalar_t* x, const scalar_t* r, scalar_
     at::vec::convert(s_out, buf, n);
     return buf;
   }
+}
+
+// The forward's row loop, shared by LayerNorm and RMSNorm. Rows are spread over threads;
+// row m's input (x, or s = x + r, which is also written to `s`) is handed as acc_t to
+// normalize(m, in, out), which writes the normalised row to `out`. Outputs larger than
+// the last-level cache are streamed (stream.h).
+template <typename scalar_t, typename F>
+void norm_fwd_rows(const Tensor& x, const Tensor& r, Tensor& y, Tensor& s, F&& normalize) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+  const int64_t M = x.size(0), N = x.size(1);
+  const int64_t sx = x.stride(0), sr = r.defined() ? r.stride(0) : 0;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* sp = r.defined() ? s.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(scalar_t));
+  const OutputStream stream(M * row_bytes * (sp ? 2 : 1));
+  const int64_t block = stream.rows_per_block(row_bytes);
+  at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> in_buf(same ? 0 : N), in_buf2(same || !rp ? 0 : N);
+    RowOut<scalar_t> y_out(stream, N), s_out(stream, sp ? N : 0);
+    for (int64_t m = begin; m < end; ++m) {
+      scalar_t* const y_dst = yp + m * N;
+      scalar_t* const s_dst = sp ? sp + m * N : nullptr;
+      if (stream.on && (m - begin) % block == 0) {
+        const int64_t bytes = std::min(block, end - m) * row_bytes;
+        stream.prepare(y_dst, bytes);
+        if (s_dst) stream.prepare(s_dst, bytes);
+      }
+      const acc_t* in = norm_input_row<scalar_t, acc_t>(xp + m * sx, rp ? rp + m * sr : nullptr,
+                                                        s_dst ? s_out.row(s_dst) : nullptr, N, in_buf.data(),
+                                                        in_buf2.data());
+      if (s_dst) s_out.flush(s_dst);
+      acc_t* out = y_out.acc_row(y_dst);
+      normalize(m, in, out);
+      y_out.finish(y_dst, out);
+    }
+    stream.fence();
+  });
 }
 
 // Runs body(j, cnt) over [0, n) in vectors of V: full vectors two at a time, then one

@@ -24,13 +24,7 @@ void rms_norm_fwd_rows(const Tensor& x, const Tensor& r, const Tensor& w, double
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
-  const int64_t M = x.size(0), N = x.size(1);
-  const int64_t sx = x.stride(0), sr = r.defined() ? r.stride(0) : 0;
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* sp = r.defined() ? s.mutable_data_ptr<scalar_t>() : nullptr;
-  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const int64_t N = x.size(1);
   const acc_t* wp = ptr_or_null<acc_t>(w);
   acc_t* rsp = rstd_t.mutable_data_ptr<acc_t>();
   const acc_t eps = static_cast<acc_t>(eps_d);
@@ -38,22 +32,15 @@ void rms_norm_fwd_rows(const Tensor& x, const Tensor& r, const Tensor& w, double
 
   with_flags(wp != nullptr, false, [&](auto has_w, auto) {
     constexpr bool HW = decltype(has_w)::value;
-    at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> in_buf(same ? 0 : N), in_buf2(same || !rp ? 0 : N), out_buf(same ? 0 : N);
-      for (int64_t m = begin; m < end; ++m) {
-        const acc_t* xr = norm_input_row<scalar_t, acc_t>(xp + m * sx, rp ? rp + m * sr : nullptr,
-                                                          sp ? sp + m * N : nullptr, N, in_buf.data(), in_buf2.data());
-        const acc_t rs = acc_t(1) / std::sqrt(row_sumsq(xr, N) * inv_n + eps);
-        rsp[m] = rs;
-        acc_t* yr = row_buffer<scalar_t, acc_t>(yp + m * N, out_buf.data());
-        const Vec vrs(rs);
-        for_vectors<V>(0, N, [&](int64_t j, int64_t cnt) {
-          Vec v = Vec::loadu(xr + j, cnt) * vrs;
-          if constexpr (HW) v = v * Vec::loadu(wp + j, cnt);
-          v.store(yr + j, cnt);
-        });
-        store_row<scalar_t, acc_t>(yr, yp + m * N, N);
-      }
+    norm_fwd_rows<scalar_t>(x, r, y, s, [&](int64_t m, const acc_t* xr, acc_t* yr) {
+      const acc_t rs = acc_t(1) / std::sqrt(row_sumsq(xr, N) * inv_n + eps);
+      rsp[m] = rs;
+      const Vec vrs(rs);
+      for_vectors<V>(0, N, [&](int64_t j, int64_t cnt) {
+        Vec v = Vec::loadu(xr + j, cnt) * vrs;
+        if constexpr (HW) v = v * Vec::loadu(wp + j, cnt);
+        v.store(yr + j, cnt);
+      });
     });
   });
 }
@@ -74,16 +61,23 @@ void rms_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, cons
   const acc_t* wp = ptr_or_null<acc_t>(w);
   const acc_t* rsp = rstd_t.const_data_ptr<acc_t>();
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
+  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(scalar_t));
+  const OutputStream stream(x.size(0) * row_bytes);
+  const int64_t block = stream.rows_per_block(row_bytes);
 
   with_flags(wp != nullptr, dw_part != nullptr, [&](auto has_w, auto has_dw) {
     constexpr bool HW = decltype(has_w)::value, HP = decltype(has_dw)::value;
     at::parallel_for(0, blocks.K, 1, [&](int64_t kb, int64_t ke) {
-      std::vector<acc_t> bx(same ? 0 : N), bdy(same ? 0 : N), bds(same || !dsp ? 0 : N), bdx(same ? 0 : N);
+      std::vector<acc_t> bx(same ? 0 : N), bdy(same ? 0 : N), bds(same || !dsp ? 0 : N);
+      RowOut<scalar_t> dx_out(stream, N);
       std::vector<acc_t> gdw(HP ? N : 0);  // the current group's dw sums
       acc_t* pdw = gdw.data();
       for (int64_t k = kb; k < ke; ++k) {
         if (HP) std::fill(dw_part + k * N, dw_part + (k + 1) * N, acc_t(0));
         for (int64_t m = blocks.begin(k); m < blocks.end(k); ++m) {
+          if (stream.on && (m - blocks.begin(k)) % block == 0) {
+            stream.prepare(dxp + m * N, std::min(block, blocks.end(k) - m) * row_bytes);
+          }
           if (HP && (m - blocks.begin(k)) % kGroup == 0) std::fill(pdw, pdw + N, acc_t(0));
           const acc_t* xr = load_row<scalar_t, acc_t>(xp + m * sx, N, bx.data());
           const acc_t* gr = load_row<scalar_t, acc_t>(dyp + m * sdy, N, bdy.data());
@@ -113,7 +107,8 @@ void rms_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, cons
           const Vec c2(hsum(tb) * inv_n);
           // pass 2: dx = rstd * (g - x_hat * c2) (+ d_summed)
           const acc_t* dsr = dsp ? load_row<scalar_t, acc_t>(dsp + m * sds, N, bds.data()) : nullptr;
-          acc_t* dxr = row_buffer<scalar_t, acc_t>(dxp + m * N, bdx.data());
+          scalar_t* const dx_dst = dxp + m * N;
+          acc_t* dxr = dx_out.acc_row(dx_dst);
           auto out = [&](int64_t j, int64_t cnt) {
             const Vec xh = Vec::loadu(xr + j, cnt) * vrs;
             Vec g = Vec::loadu(gr + j, cnt);
@@ -125,12 +120,13 @@ void rms_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, cons
           } else {
             for_vectors<V>(0, N, [&](int64_t j, int64_t cnt) { out(j, cnt).store(dxr + j, cnt); });
           }
-          store_row<scalar_t, acc_t>(dxr, dxp + m * N, N);
+          dx_out.finish(dx_dst, dxr);
           if (HP && ((m + 1 - blocks.begin(k)) % kGroup == 0 || m + 1 == blocks.end(k))) {
             add_row(dw_part + k * N, pdw, N);
           }
         }
       }
+      stream.fence();
     });
   });
 }
