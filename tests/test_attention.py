@@ -14,7 +14,7 @@ import torch.nn.functional as tF
 import llmfast
 from llmfast import reference
 from llmfast.nn import functional as F
-from llmfast.testing import compare
+from llmfast.testing import compare, second_derivatives
 
 from conftest import DEVICE, backends_for
 
@@ -510,3 +510,18 @@ def test_triton_sm90_uses_wgmma():
 def test_long_sequences(backend, causal):
     q, k, v = _qkv(1, 4, 2, 700, 1031, 64)
     _check(_sdpa(is_causal=causal, enable_gqa=True), [q, k, v], backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_double_backward(backend, causal):
+    # create_graph=True: the gradient must carry a graph (was graph-less: second derivatives missing)
+    q, k, v = (torch.randn(s, device=DEVICE) for s in ((1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 7, 8)))
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    inputs = [q, k, v]
+    ours = second_derivatives(fn, inputs, backend)
+    ref = second_derivatives(fn, inputs, "torch")
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -4,7 +4,7 @@ import torch
 
 import llmfast
 from llmfast.nn import functional as LF
-from llmfast.testing import compare
+from llmfast.testing import compare, second_derivatives
 from tests.conftest import DEVICE, backends_for
 
 BACKENDS = backends_for("softmax")
@@ -268,3 +268,23 @@ def test_torch_compile_fullgraph_cpu_backend():
         x.grad = None
         f(x, m).backward()
     torch.testing.assert_close(g, x.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_double_backward(backend, log, masked):
+    # create_graph=True: the gradient must carry a graph (was graph-less: second derivatives silently wrong)
+    mask = None
+    if masked:
+        mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(2)) > 0.4
+        mask[1] = False  # a fully masked row
+    f = FNS["log_softmax" if log else "softmax"]
+
+    def fn(x):
+        return f(x, -1, scale=0.7, mask=mask)
+    inputs = [_x((4, 6), torch.float32)]
+    ours = second_derivatives(fn, inputs, backend)
+    ref = second_derivatives(fn, inputs, "torch")
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
