@@ -176,6 +176,12 @@ def attention(q, k, v, mask=None, *, scale=None, is_causal=False, dropout_p=0.0,
     """
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    if q.dtype in (torch.float16, torch.bfloat16):
+        # Scores, softmax and accumulation in fp32, as torch's own CPU/GPU kernels do: in
+        # bf16 the rounded scores and probabilities cost ~10x torch's error at |q.k| ~ 100.
+        out, lse = attention(q.float(), k.float(), v.float(), mask, scale=scale, is_causal=is_causal,
+                             dropout_p=dropout_p, seed=seed)
+        return out.to(q.dtype), lse
     if H != Hkv:
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)

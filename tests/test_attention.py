@@ -525,3 +525,26 @@ def test_double_backward(backend, causal):
     ref = second_derivatives(fn, inputs, "torch")
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_grad_mask_matches_torch(backend, dtype):
+    # OpInfo's sample: values in [-9, 9] (|q.k| ~ 100) and an additive mask that requires grad,
+    # which runs the torch reference; it computed scores/softmax in bf16 (~10x torch's error)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = ((torch.rand(s, generator=g) * 18 - 9).to(dtype) for s in ((2, 2, 3, 8), (2, 2, 6, 8), (2, 2, 6, 8)))
+    m = (torch.rand(3, 6, generator=g) * 18 - 9).to(dtype)
+    cot = torch.randn(2, 2, 3, 8, generator=g).to(dtype)
+
+    def run(fn, dt):
+        args = [t.detach().to(dt).requires_grad_() for t in (q, k, v, m)]
+        out = fn(*args[:3], attn_mask=args[3])
+        return [out] + list(torch.autograd.grad(out, args, cot.to(dt)))
+    ref = run(tF.scaled_dot_product_attention, torch.float64)
+    theirs = run(tF.scaled_dot_product_attention, dtype)
+    with llmfast.backend(backend):
+        ours = run(F.scaled_dot_product_attention, dtype)
+    for name, o, t, r in zip(["out", "dq", "dk", "dv", "dmask"], ours, theirs, ref):
+        err, bound = (o.double() - r).abs().max().item(), 2 * (t.double() - r).abs().max().item() + 2e-2
+        assert err <= bound, (name, err, bound)
