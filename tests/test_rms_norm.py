@@ -308,3 +308,15 @@ def test_double_backward(backend, residual):
     ref = second_derivatives(fn, inputs, "torch")
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+def test_complex_input_like_torch(dtype):
+    # torch's rms_norm takes complex input (OpInfo lists complex64/128); we raised TypeError
+    x = torch.randn(2, 3, 4, dtype=dtype, requires_grad=True)
+    w = torch.randn(3, 4, dtype=dtype, requires_grad=True)
+    out = LF.rms_norm(x, (3, 4), w, 0.5)
+    ref = torch.nn.functional.rms_norm(x, (3, 4), w, 0.5)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(ref, (x, w), g))

@@ -200,6 +200,9 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Te
         eps: added to the mean square; None means ``torch.finfo(input.dtype).eps``.
         residual (keyword): a tensor like ``input``; returns ``(normalized, input + residual)``.
     """
+    if isinstance(input, Tensor) and input.is_complex():
+        # torch's rms_norm takes complex input (the mean of |x|^2); the kernels are real-only
+        return reference.rms_norm(input, normalized_shape, weight, eps, residual=residual)
     shape = _check_norm_args("rms_norm", input, normalized_shape, {"weight": weight}, eps, residual)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
