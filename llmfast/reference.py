@@ -69,7 +69,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, residua
 
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, residual=None):
     """``torch.nn.functional.rms_norm``; with ``residual``, of ``s = x + residual``
-    (in x's dtype), returning ``(out, s)``. ``eps=None`` is ``torch.finfo(x.dtype).eps``."""
+    (in x's dtype), returning ``(out, s)``. ``eps=None`` is torch's default (the math dtype's epsilon)."""
     s = x if residual is None else x + residual
     out = torch.nn.functional.rms_norm(s, list(normalized_shape), weight, eps)
     return out if residual is None else (out, s)

@@ -320,3 +320,16 @@ def test_complex_input_like_torch(dtype):
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(out)
     torch.testing.assert_close(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(ref, (x, w), g))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_default_eps_low_precision_like_torch(backend, dtype):
+    # eps=None: torch uses float32's epsilon for fp16/bf16; finfo(bf16).eps = 2^-7 gave 0.11 instead of 1
+    x = torch.full((2, 4), 1e-2, device=DEVICE).to(dtype)
+    with llmfast.backend(backend):
+        out = LF.rms_norm(x, (4,))
+        mod = llmfast.nn.RMSNorm(4, device=DEVICE, dtype=dtype)(x)
+    ref = torch.nn.functional.rms_norm(x, (4,))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(mod, ref)

@@ -197,7 +197,8 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Te
         weight: a ``normalized_shape`` tensor or None. Any floating dtype, as in torch:
             the output keeps the input's dtype (a weight in another dtype is read as
             float32 for fp16/bf16 inputs, else in the input's dtype).
-        eps: added to the mean square; None means ``torch.finfo(input.dtype).eps``.
+        eps: added to the mean square; None means ``torch.finfo(dtype).eps`` of the math
+            dtype (float32 for fp16/bf16 inputs), as in torch.
         residual (keyword): a tensor like ``input``; returns ``(normalized, input + residual)``.
     """
     if isinstance(input, Tensor) and input.is_complex():
@@ -205,7 +206,9 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Te
         return reference.rms_norm(input, normalized_shape, weight, eps, residual=residual)
     shape = _check_norm_args("rms_norm", input, normalized_shape, {"weight": weight}, eps, residual)
     if eps is None:
-        eps = torch.finfo(input.dtype).eps
+        # torch uses the epsilon of the math dtype: float32's for fp16/bf16 inputs, not
+        # finfo(bfloat16).eps = 2^-7, which would swamp the mean square of small rows
+        eps = torch.finfo(torch.float32 if input.dtype in _HALF else input.dtype).eps
     if weight is not None and weight.dtype != input.dtype:
         # The kernels read the input's dtype or float32; the cast is differentiable, so
         # weight.grad still arrives in the weight's own dtype.
