@@ -288,3 +288,15 @@ def test_double_backward(backend, log, masked):
     ref = second_derivatives(fn, inputs, "torch")
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_softmax_nan_row_gradient_like_torch(backend):
+    # a row with +inf is NaN in torch's output and gradient; the cpu backward gave -inf
+    x = torch.tensor([[float("inf"), 1.0], [3.0, -float("inf")], [0.5, 2.0]], device=DEVICE)
+    g = torch.tensor([[1.0, 2.0]] * 3, device=DEVICE)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = torch.autograd.grad(torch.log_softmax(a, -1), a, g)[0]
+    with llmfast.backend(backend):
+        ours = torch.autograd.grad(LF.log_softmax(b, -1), b, g)[0]
+    torch.testing.assert_close(ours, ref, equal_nan=True)
