@@ -548,3 +548,12 @@ def test_low_precision_grad_mask_matches_torch(backend, dtype):
     for name, o, t, r in zip(["out", "dq", "dk", "dv", "dmask"], ours, theirs, ref):
         err, bound = (o.double() - r).abs().max().item(), 2 * (t.double() - r).abs().max().item() + 2e-2
         assert err <= bound, (name, err, bound)
+
+
+def test_one_dim_mask_raises_like_torch():
+    # torch raises for a 1-D attn_mask; we broadcast it silently
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    with pytest.raises(IndexError):
+        tF.scaled_dot_product_attention(q, k, v, attn_mask=torch.randn(5))
+    with pytest.raises(RuntimeError, match="at least 2 dims"):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=torch.randn(5))

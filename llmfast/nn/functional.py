@@ -249,6 +249,9 @@ def _check_mask(name: str, mask, query: Tensor, shape) -> None:
                            f"attn_mask.dtype: {mask.dtype} and  query.dtype: {query.dtype} instead.")
     if mask.device != query.device:
         raise RuntimeError(f"{name}(): attn_mask is on {mask.device} but query is on {query.device}")
+    if mask.dim() < 2:  # as torch, which indexes the mask's dims -2 and -1
+        raise RuntimeError(f"{name}(): attn_mask must have at least 2 dims [..., L, S], got shape "
+                           f"{tuple(mask.shape)}")
     try:
         ok = torch.broadcast_shapes(mask.shape, shape) == torch.Size(shape)
     except RuntimeError:
