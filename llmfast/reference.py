@@ -35,6 +35,30 @@ def softmax(x, dim=-1, *, scale=None, mask=None, is_causal=False, log=False):
     return out
 
 
+
+def softmax_backward(grad, out, scale=1.0, log=False, masked=False):
+    """The input gradient of (log-)softmax over the last dim, from its output: the
+    kernels' formula (used for double backward, as it is differentiable).
+
+    softmax: ``scale * y * (g - sum(g * y))``; log_softmax: ``scale * (g - exp(y) *
+    sum(g))``. With a mask, a masked position (log-prob -inf) and a fully masked row
+    (written as zeros: exp sums to N > 1 there) get zero gradient.
+    """
+    acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+    g, y = grad.to(acc), out.to(acc)
+    if log:
+        p = y.exp()
+        if masked:  # a masked position's -inf is a constant: its incoming gradient counts for nothing
+            g = g.masked_fill(torch.isneginf(y), 0.0)
+        gx = g - p * g.sum(-1, keepdim=True)
+        if masked:
+            dead = (p.sum(-1, keepdim=True) > 1.5) if y.shape[-1] > 1 else torch.zeros_like(y, dtype=torch.bool)
+            gx = gx.masked_fill(torch.isneginf(y) | dead, 0.0)
+    else:
+        gx = y * (g - (g * y).sum(-1, keepdim=True))
+    return (gx * scale).to(out.dtype)
+
+
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None):
     """``torch.nn.functional.layer_norm``; with ``residual``, of ``s = x + residual``
     (in x's dtype), returning ``(out, s)``."""
@@ -45,10 +69,39 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, residua
 
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, residual=None):
     """``torch.nn.functional.rms_norm``; with ``residual``, of ``s = x + residual``
-    (in x's dtype), returning ``(out, s)``. ``eps=None`` is ``torch.finfo(x.dtype).eps``."""
+    (in x's dtype), returning ``(out, s)``. ``eps=None`` is torch's default (the math dtype's epsilon)."""
     s = x if residual is None else x + residual
     out = torch.nn.functional.rms_norm(s, list(normalized_shape), weight, eps)
     return out if residual is None else (out, s)
+
+
+
+def _norm_backward(grad, s, weight, eps, centered):
+    """(ds, dweight) of layer_norm (centered) / rms_norm of rows ``s`` [M, N] from
+    the statistics recomputed in differentiable torch ops (used for double backward:
+    ``s`` may be an output of the fused op, e.g. ``x + residual``, so this is a
+    formula rather than autograd through a recomputed forward)."""
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    g, x = grad.to(acc), s.to(acc)
+    if centered:
+        x = x - x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = x * rstd
+    gw = g if weight is None else g * weight.to(acc)
+    inner = gw - gw.mean(-1, keepdim=True) if centered else gw
+    ds = rstd * (inner - xhat * (gw * xhat).mean(-1, keepdim=True))
+    dw = None if weight is None else (g * xhat).sum(0)
+    return ds.to(s.dtype), dw
+
+
+def layer_norm_backward(grad, s, weight, eps):
+    """(ds, dweight) of ``layer_norm(s, (N,), weight, bias, eps)`` for rows ``s`` [M, N]."""
+    return _norm_backward(grad, s, weight, eps, centered=True)
+
+
+def rms_norm_backward(grad, s, weight, eps):
+    """(ds, dweight) of ``rms_norm(s, (N,), weight, eps)`` for rows ``s`` [M, N]."""
+    return _norm_backward(grad, s, weight, eps, centered=False)
 
 
 # ----------------------------------------------------------------------------------
@@ -123,6 +176,12 @@ def attention(q, k, v, mask=None, *, scale=None, is_causal=False, dropout_p=0.0,
     """
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    if q.dtype in (torch.float16, torch.bfloat16):
+        # Scores, softmax and accumulation in fp32, as torch's own CPU/GPU kernels do: in
+        # bf16 the rounded scores and probabilities cost ~10x torch's error at |q.k| ~ 100.
+        out, lse = attention(q.float(), k.float(), v.float(), mask, scale=scale, is_causal=is_causal,
+                             dropout_p=dropout_p, seed=seed)
+        return out.to(q.dtype), lse
     if H != Hkv:
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)

@@ -103,3 +103,26 @@ def compare(fn: Callable, inputs: Sequence, backend_name: str, *, grad: Sequence
         res.errors[name] = (err, bound)
         res.ok &= err <= bound
     return res
+
+
+def second_derivatives(fn: Callable, inputs: Sequence, backend_name: str, seed: int = 0):
+    """Double backward of ``fn`` on ``backend_name``: the gradient of ``<grad, v>`` with
+    respect to every floating input, where ``grad`` is the first input gradient taken
+    with ``create_graph=True`` for a random cotangent and ``v`` is random.
+
+    Returns a list (one tensor per floating input, zeros where unused). Compare the
+    result of a kernel backend with the ``torch`` backend's.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    args = [t.detach().clone().requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in inputs]
+    diff = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    with backend(backend_name):
+        outs = [o for o in _as_tuple(fn(*args)) if o.requires_grad]
+        cot = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device) for o in outs]
+        grads = torch.autograd.grad(outs, diff, cot, create_graph=True, allow_unused=True)
+        pairs = [(g, torch.randn(g.shape, generator=gen, dtype=g.dtype).to(g.device)) for g in grads
+                 if g is not None and g.requires_grad]
+        total = sum((g * v).sum() for g, v in pairs)
+        gg = torch.autograd.grad(total, diff, allow_unused=True)
+    return [torch.zeros_like(a) if g is None else g for a, g in zip(diff, gg)]

@@ -14,7 +14,7 @@ import torch.nn.functional as tF
 import llmfast
 from llmfast import reference
 from llmfast.nn import functional as F
-from llmfast.testing import compare
+from llmfast.testing import compare, second_derivatives
 
 from conftest import DEVICE, backends_for
 
@@ -510,3 +510,50 @@ def test_triton_sm90_uses_wgmma():
 def test_long_sequences(backend, causal):
     q, k, v = _qkv(1, 4, 2, 700, 1031, 64)
     _check(_sdpa(is_causal=causal, enable_gqa=True), [q, k, v], backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_double_backward(backend, causal):
+    # create_graph=True: the gradient must carry a graph (was graph-less: second derivatives missing)
+    q, k, v = (torch.randn(s, device=DEVICE) for s in ((1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 7, 8)))
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    inputs = [q, k, v]
+    ours = second_derivatives(fn, inputs, backend)
+    ref = second_derivatives(fn, inputs, "torch")
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_grad_mask_matches_torch(backend, dtype):
+    # OpInfo's sample: values in [-9, 9] (|q.k| ~ 100) and an additive mask that requires grad,
+    # which runs the torch reference; it computed scores/softmax in bf16 (~10x torch's error)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = ((torch.rand(s, generator=g) * 18 - 9).to(dtype) for s in ((2, 2, 3, 8), (2, 2, 6, 8), (2, 2, 6, 8)))
+    m = (torch.rand(3, 6, generator=g) * 18 - 9).to(dtype)
+    cot = torch.randn(2, 2, 3, 8, generator=g).to(dtype)
+
+    def run(fn, dt):
+        args = [t.detach().to(dt).requires_grad_() for t in (q, k, v, m)]
+        out = fn(*args[:3], attn_mask=args[3])
+        return [out] + list(torch.autograd.grad(out, args, cot.to(dt)))
+    ref = run(tF.scaled_dot_product_attention, torch.float64)
+    theirs = run(tF.scaled_dot_product_attention, dtype)
+    with llmfast.backend(backend):
+        ours = run(F.scaled_dot_product_attention, dtype)
+    for name, o, t, r in zip(["out", "dq", "dk", "dv", "dmask"], ours, theirs, ref):
+        err, bound = (o.double() - r).abs().max().item(), 2 * (t.double() - r).abs().max().item() + 2e-2
+        assert err <= bound, (name, err, bound)
+
+
+def test_one_dim_mask_raises_like_torch():
+    # torch raises for a 1-D attn_mask; we broadcast it silently
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    with pytest.raises(IndexError):
+        tF.scaled_dot_product_attention(q, k, v, attn_mask=torch.randn(5))
+    with pytest.raises(RuntimeError, match="at least 2 dims"):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=torch.randn(5))

@@ -12,7 +12,7 @@ import torch.nn.functional as TF
 import llmfast
 from llmfast import backends
 from llmfast.nn import functional as F
-from llmfast.testing import compare
+from llmfast.testing import compare, second_derivatives
 
 from conftest import DEVICE, backends_for
 
@@ -276,3 +276,20 @@ def test_int64_indexing_cpu():
     tail = slice(N - 3, N)
     ref = TF.cross_entropy(x[tail].float(), t[tail], reduction="none")
     torch.testing.assert_close(out[tail].float(), ref, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward(backend, reduction):
+    # create_graph=True: the gradient must carry a graph (was graph-less: second derivatives missing)
+    x = torch.randn(6, 5, device=DEVICE)
+    t = torch.tensor([0, 4, -100, 2, 1, 3], device=DEVICE)
+    w = torch.linspace(0.5, 2.0, 5, device=DEVICE)
+
+    def fn(x):
+        return F.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=0.1)
+    inputs = [x]
+    ours = second_derivatives(fn, inputs, backend)
+    ref = second_derivatives(fn, inputs, "torch")
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -11,7 +11,7 @@ import torch
 
 import llmfast
 from llmfast.nn import functional as LF
-from llmfast.testing import compare
+from llmfast.testing import compare, second_derivatives
 
 from conftest import DEVICE, backends_for
 
@@ -294,3 +294,22 @@ def test_torch_compile_fullgraph(backend, device):
         torch.testing.assert_close(compiled, eager)
         compiled.sum().backward()
     assert x.grad is not None and w.grad is not None and b.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("residual", [False, True])
+def test_double_backward(backend, residual):
+    # create_graph=True: the gradient must carry a graph (was graph-less: second derivatives missing)
+    x, r, w, b = (torch.randn(s, device=DEVICE) for s in ((3, 7), (3, 7), (7,), (7,)))
+    if residual:
+        def fn(x, r, w, b):
+            return LF.layer_norm(x, (7,), w, b, residual=r)
+        inputs = [x, r, w, b]
+    else:
+        def fn(x, w, b):
+            return LF.layer_norm(x, (7,), w, b)
+        inputs = [x, w, b]
+    ours = second_derivatives(fn, inputs, backend)
+    ref = second_derivatives(fn, inputs, "torch")
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

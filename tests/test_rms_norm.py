@@ -11,7 +11,7 @@ import torch
 
 import llmfast
 from llmfast.nn import functional as LF
-from llmfast.testing import compare
+from llmfast.testing import compare, second_derivatives
 
 from conftest import DEVICE, backends_for
 
@@ -289,3 +289,47 @@ def test_torch_compile_fullgraph(backend, device):
         torch.testing.assert_close(compiled, eager)
         compiled.sum().backward()
     assert x.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("residual", [False, True])
+def test_double_backward(backend, residual):
+    # create_graph=True: the gradient must carry a graph (was graph-less: second derivatives missing)
+    x, r, w = (torch.randn(s, device=DEVICE) for s in ((3, 7), (3, 7), (7,)))
+    if residual:
+        def fn(x, r, w):
+            return LF.rms_norm(x, (7,), w, 1e-5, residual=r)
+        inputs = [x, r, w]
+    else:
+        def fn(x, w):
+            return LF.rms_norm(x, (7,), w, 1e-5)
+        inputs = [x, w]
+    ours = second_derivatives(fn, inputs, backend)
+    ref = second_derivatives(fn, inputs, "torch")
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+def test_complex_input_like_torch(dtype):
+    # torch's rms_norm takes complex input (OpInfo lists complex64/128); we raised TypeError
+    x = torch.randn(2, 3, 4, dtype=dtype, requires_grad=True)
+    w = torch.randn(3, 4, dtype=dtype, requires_grad=True)
+    out = LF.rms_norm(x, (3, 4), w, 0.5)
+    ref = torch.nn.functional.rms_norm(x, (3, 4), w, 0.5)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(ref, (x, w), g))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_default_eps_low_precision_like_torch(backend, dtype):
+    # eps=None: torch uses float32's epsilon for fp16/bf16; finfo(bf16).eps = 2^-7 gave 0.11 instead of 1
+    x = torch.full((2, 4), 1e-2, device=DEVICE).to(dtype)
+    with llmfast.backend(backend):
+        out = LF.rms_norm(x, (4,))
+        mod = llmfast.nn.RMSNorm(4, device=DEVICE, dtype=dtype)(x)
+    ref = torch.nn.functional.rms_norm(x, (4,))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(mod, ref)

@@ -4,7 +4,7 @@ import torch
 
 import llmfast
 from llmfast.nn import functional as LF
-from llmfast.testing import compare
+from llmfast.testing import compare, second_derivatives
 from tests.conftest import DEVICE, backends_for
 
 BACKENDS = backends_for("softmax")
@@ -268,3 +268,35 @@ def test_torch_compile_fullgraph_cpu_backend():
         x.grad = None
         f(x, m).backward()
     torch.testing.assert_close(g, x.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_double_backward(backend, log, masked):
+    # create_graph=True: the gradient must carry a graph (was graph-less: second derivatives silently wrong)
+    mask = None
+    if masked:
+        mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(2)) > 0.4
+        mask[1] = False  # a fully masked row
+    f = FNS["log_softmax" if log else "softmax"]
+
+    def fn(x):
+        return f(x, -1, scale=0.7, mask=mask)
+    inputs = [_x((4, 6), torch.float32)]
+    ours = second_derivatives(fn, inputs, backend)
+    ref = second_derivatives(fn, inputs, "torch")
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_softmax_nan_row_gradient_like_torch(backend):
+    # a row with +inf is NaN in torch's output and gradient; the cpu backward gave -inf
+    x = torch.tensor([[float("inf"), 1.0], [3.0, -float("inf")], [0.5, 2.0]], device=DEVICE)
+    g = torch.tensor([[1.0, 2.0]] * 3, device=DEVICE)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = torch.autograd.grad(torch.log_softmax(a, -1), a, g)[0]
+    with llmfast.backend(backend):
+        ours = torch.autograd.grad(LF.log_softmax(b, -1), b, g)[0]
+    torch.testing.assert_close(ours, ref, equal_nan=True)

@@ -147,7 +147,9 @@ void softmax_bwd_rows(const Tensor& dy, const Tensor& y, Tensor& dx, double scal
             continue;
           }
         }
-        at::vec::map2([s, scale](Vec a, Vec b) { return (a - b.exp_u20() * Vec(s)) * Vec(scale); }, d, g, p, N);
+        // exp, not exp_u20: the fast one maps a NaN output (a row torch also poisons) to inf,
+        // which gave -inf gradients where torch gives NaN
+        at::vec::map2([s, scale](Vec a, Vec b) { return (a - b.exp() * Vec(s)) * Vec(scale); }, d, g, p, N);
         if (masked) {
           for (int64_t j = 0; j < N; ++j) d[j] = p[j] == ninf ? acc_t(0) : d[j];
         }

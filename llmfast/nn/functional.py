@@ -197,12 +197,18 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Te
         weight: a ``normalized_shape`` tensor or None. Any floating dtype, as in torch:
             the output keeps the input's dtype (a weight in another dtype is read as
             float32 for fp16/bf16 inputs, else in the input's dtype).
-        eps: added to the mean square; None means ``torch.finfo(input.dtype).eps``.
+        eps: added to the mean square; None means ``torch.finfo(dtype).eps`` of the math
+            dtype (float32 for fp16/bf16 inputs), as in torch.
         residual (keyword): a tensor like ``input``; returns ``(normalized, input + residual)``.
     """
+    if isinstance(input, Tensor) and input.is_complex():
+        # torch's rms_norm takes complex input (the mean of |x|^2); the kernels are real-only
+        return reference.rms_norm(input, normalized_shape, weight, eps, residual=residual)
     shape = _check_norm_args("rms_norm", input, normalized_shape, {"weight": weight}, eps, residual)
     if eps is None:
-        eps = torch.finfo(input.dtype).eps
+        # torch uses the epsilon of the math dtype: float32's for fp16/bf16 inputs, not
+        # finfo(bfloat16).eps = 2^-7, which would swamp the mean square of small rows
+        eps = torch.finfo(torch.float32 if input.dtype in _HALF else input.dtype).eps
     if weight is not None and weight.dtype != input.dtype:
         # The kernels read the input's dtype or float32; the cast is differentiable, so
         # weight.grad still arrives in the weight's own dtype.
@@ -243,6 +249,9 @@ def _check_mask(name: str, mask, query: Tensor, shape) -> None:
                            f"attn_mask.dtype: {mask.dtype} and  query.dtype: {query.dtype} instead.")
     if mask.device != query.device:
         raise RuntimeError(f"{name}(): attn_mask is on {mask.device} but query is on {query.device}")
+    if mask.dim() < 2:  # as torch, which indexes the mask's dims -2 and -1
+        raise RuntimeError(f"{name}(): attn_mask must have at least 2 dims [..., L, S], got shape "
+                           f"{tuple(mask.shape)}")
     try:
         ok = torch.broadcast_shapes(mask.shape, shape) == torch.Size(shape)
     except RuntimeError:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from llmfast import backends, reference
 from llmfast.backends import OpSpec
-from llmfast.ops._library import has_native, native
+from llmfast.ops._library import create_graph, grads_by_recompute, has_native, native
 
 _F32_F16_BF16 = (torch.float32, torch.float16, torch.bfloat16)
 backends.register_op(OpSpec(
@@ -60,9 +60,19 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+def _recompute_backward(ctx, grad_out, q, k, v, mask, scale, is_causal, dropout_p, seed):
+    """(dq, dk, dv) with graph, for double backward: the reference (same dropout mask) differentiated."""
+    def fn(q_, k_, v_):
+        return reference.attention(q_, k_, v_, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
+                                   seed=seed)[0]
+    return tuple(grads_by_recompute(fn, (q, k, v), ctx.needs_input_grad[:3], (grad_out,)))
+
+
 def _make_backward(bwd_op):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, mask = ctx.saved_tensors
+        if create_graph():
+            return _recompute_backward(ctx, grad_out, q, k, v, mask, *ctx.args) + (None,) * 5
         dq, dk, dv = bwd_op(grad_out.to(out.dtype).contiguous(), q, k, v, out, lse, mask, *ctx.args)
         return dq, dk, dv, None, None, None, None, None
     return backward
@@ -142,6 +152,8 @@ def _seeded_setup_context(ctx, inputs, output):
 
 def _seeded_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
+    if create_graph():
+        return _recompute_backward(ctx, grad_out, q, k, v, mask, *ctx.args, seed) + (None,) * 6
     dq, dk, dv = attention_bwd_seeded(grad_out.to(out.dtype).contiguous(), q, k, v, out, lse, mask, *ctx.args, seed,
                                       ctx.backend)
     return dq, dk, dv, None, None, None, None, None, None

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from llmfast import backends
 from llmfast.backends import OpSpec
-from llmfast.ops._library import has_native, native
+from llmfast.ops._library import create_graph, grads_by_recompute, has_native, native
 
 _F32_F16_BF16 = (torch.float32, torch.float16, torch.bfloat16)
 _PROB_NOTE = "probability (float) targets run on the torch reference"
@@ -67,6 +67,12 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(bwd_op):
     def backward(ctx, grad_loss, _grad_lse):
         logits, target, weight, lse = ctx.saved_tensors
+        if create_graph():  # double backward ahead: differentiate torch's per-row loss instead
+            def rows(x):
+                return torch.nn.functional.cross_entropy(x.to(lse.dtype), target, weight, ignore_index=ctx.ignore_index,
+                                                         reduction="none", label_smoothing=ctx.label_smoothing)
+            (grad,) = grads_by_recompute(rows, (logits,), (True,), (grad_loss.to(lse.dtype),))
+            return grad.to(logits.dtype), None, None, None, None
         # 'mean'/'sum' hand back an expanded scalar: the kernels want a dense [N] row
         g = grad_loss.to(lse.dtype).contiguous()
         grad = bwd_op(g, logits, target, weight, lse, ctx.ignore_index, ctx.label_smoothing)

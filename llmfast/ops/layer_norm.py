@@ -26,7 +26,7 @@ from torch import Tensor
 
 from llmfast import backends, reference
 from llmfast.backends import OpSpec
-from llmfast.ops._library import has_native, native
+from llmfast.ops._library import create_graph, has_native, native
 from llmfast.ops._norm import F32_F16_BF16, grad_rows, numel, rows, stat_dtype
 
 backends.register_op(OpSpec("layer_norm", native="llmfast::layer_norm_fwd", dtypes=F32_F16_BF16,
@@ -52,8 +52,9 @@ def _bwd_fake(grad_out, grad_summed, x, weight, mean, rstd, weight_grad, bias_gr
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _ = inputs
+    x, residual, weight, bias, eps = inputs
     _, summed, mean, rstd = output
+    ctx.eps = eps
     ctx.has_res = residual is not None
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -67,6 +68,14 @@ def _make_backward(bwd_op):
         need_x, need_r, need_w, need_b, _ = ctx.needs_input_grad
         need_w = need_w and weight is not None
         need_b = need_b and ctx.has_bias
+        if create_graph():  # double backward ahead: the reference formula, differentiable
+            g = grad_rows(grad_out, x)
+            dx, dw = reference.layer_norm_backward(g, x, weight, ctx.eps)
+            if ctx.has_res and grad_summed is not None:
+                dx = dx + grad_summed
+            db = g.sum(0).to(ctx.bias_dtype) if need_b else None
+            return (dx if need_x else None, dx if (ctx.has_res and need_r) else None,
+                    dw.to(weight.dtype) if need_w else None, db, None)
         ds = grad_rows(grad_summed, x) if (ctx.has_res and grad_summed is not None) else None
         dx, dw, db = bwd_op(grad_rows(grad_out, x), ds, x, weight, mean, rstd, need_w, need_b)
         return (dx if need_x else None, dx if (ctx.has_res and need_r) else None,

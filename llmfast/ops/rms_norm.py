@@ -15,7 +15,7 @@ from torch import Tensor
 
 from llmfast import backends, reference
 from llmfast.backends import OpSpec
-from llmfast.ops._library import has_native, native
+from llmfast.ops._library import create_graph, has_native, native
 from llmfast.ops._norm import F32_F16_BF16, grad_rows, numel, rows, stat_dtype
 
 backends.register_op(OpSpec("rms_norm", native="llmfast::rms_norm_fwd", dtypes=F32_F16_BF16,
@@ -34,8 +34,9 @@ def _bwd_fake(grad_out, grad_summed, x, weight, rstd, weight_grad):
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, _ = inputs
+    x, residual, weight, eps = inputs
     _, summed, rstd = output
+    ctx.eps = eps
     ctx.has_res = residual is not None
     ctx.save_for_backward(summed if ctx.has_res else x, weight, rstd)
     ctx.mark_non_differentiable(rstd)
@@ -46,6 +47,12 @@ def _make_backward(bwd_op):
         x, weight, rstd = ctx.saved_tensors
         need_x, need_r, need_w, _ = ctx.needs_input_grad
         need_w = need_w and weight is not None
+        if create_graph():  # double backward ahead: the reference formula, differentiable
+            dx, dw = reference.rms_norm_backward(grad_rows(grad_out, x), x, weight, ctx.eps)
+            if ctx.has_res and grad_summed is not None:
+                dx = dx + grad_summed
+            return (dx if need_x else None, dx if (ctx.has_res and need_r) else None,
+                    dw.to(weight.dtype) if need_w else None, None)
         ds = grad_rows(grad_summed, x) if (ctx.has_res and grad_summed is not None) else None
         dx, dw = bwd_op(grad_rows(grad_out, x), ds, x, weight, rstd, need_w)
         return (dx if need_x else None, dx if (ctx.has_res and need_r) else None,

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from llmfast import backends, reference
 from llmfast.backends import OpSpec
-from llmfast.ops._library import has_native, native
+from llmfast.ops._library import create_graph, has_native, native
 
 _F32_F16_BF16 = (torch.float32, torch.float16, torch.bfloat16)
 for _name in ("softmax", "log_softmax"):
@@ -53,6 +53,8 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(bwd_op):
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
+        if create_graph():  # double backward ahead: the same formula in differentiable torch ops
+            return reference.softmax_backward(grad, out, ctx.scale, ctx.log, ctx.masked), None, None, None, None
         grad_in = bwd_op(grad.to(out.dtype).contiguous(), out, ctx.scale, ctx.log, ctx.masked)
         return grad_in, None, None, None, None
     return backward
