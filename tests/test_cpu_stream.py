@@ -3,7 +3,7 @@
 Outputs at least ``llmfast._C.cpu_stream_bytes`` large (the last-level cache size) are
 finished in scratch rows and written with streaming stores. That threshold is tens of
 MB, so a child process lowers it with LLMFAST_CPU_STREAM_BYTES and runs small cases
-through the path: rows whose length is not a multiple of the 64-byte store (unaligned
+through the path (norms and softmax): rows whose length is not a multiple of the 64-byte store (unaligned
 heads and tails), fp32 and bf16, with and without the residual, forward and every
 gradient, against the float64 reference.
 """
@@ -36,6 +36,14 @@ CHILD = textwrap.dedent("""
                 "rms_norm": (lambda x, w: LF.rms_norm(x, (n,), w), [x, w]),
                 "rms_norm residual": (lambda x, r, w: LF.rms_norm(x, (n,), w, residual=r), [x, r, w]),
             }
+            m = torch.rand(37, n) > 0.3
+            m[5] = False  # a fully masked row takes the zero-fill path
+            cases.update({
+                "softmax": (lambda x: LF.softmax(x, -1), [x]),
+                "log_softmax": (lambda x: LF.log_softmax(x, -1), [x]),
+                "softmax masked": (lambda x: LF.softmax(x, -1, mask=m), [x]),
+                "log_softmax causal": (lambda x: LF.log_softmax(x, -1, is_causal=True), [x]),
+            })
             for name, (fn, args) in cases.items():
                 res = compare(fn, args, "cpu")
                 if not res.ok:

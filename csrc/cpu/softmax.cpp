@@ -5,10 +5,12 @@
 // with any strides (0 where broadcast). Rows are spread over threads with
 // at::parallel_for; each row takes three vectorised passes over an fp32 (fp64 for
 // double) buffer: z and its max, exp(z - max) and its sum, the normalisation.
+// Outputs larger than the last-level cache are streamed (stream.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu/row.h"
+#include "cpu/stream.h"
 
 namespace llmfast::cpu {
 namespace {
@@ -50,15 +52,20 @@ void softmax_fwd_rows(const Tensor& x, Tensor& y, double scale_d, const MaskView
   const bool masked = mask != nullptr || causal;
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
+  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(scalar_t));
+  const OutputStream stream(M * row_bytes);
+  const int64_t block = stream.rows_per_block(row_bytes);
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> in_buf(std::is_same_v<scalar_t, acc_t> ? 0 : N), z_buf(N);
+    std::vector<acc_t> in_buf(std::is_same_v<scalar_t, acc_t> ? 0 : N);
+    RowOut<scalar_t> y_out(stream, N);
     for (int64_t m = begin; m < end; ++m) {
       const int64_t l = m % L, b = (m / L) % B, a = m / (L * B);
       scalar_t* yr = yp + m * N;
+      if (stream.on && (m - begin) % block == 0) stream.prepare(yr, std::min(block, end - m) * row_bytes);
       // Causal rows only see columns [0, l]; the rest is -inf (prob 0).
       const int64_t n = causal ? std::min<int64_t>(N, l + 1) : N;
       const acc_t* xr = load_row<scalar_t, acc_t>(xp + m * N, n, in_buf.data());
-      acc_t* z = row_buffer<scalar_t, acc_t>(yr, z_buf.data());
+      acc_t* z = y_out.acc_row(yr);  // the output row doubles as the working row
       // With a mask, z = x*scale + mask is materialised once (the mask is read once);
       // without one, z is recomputed from x on the fly and the max pass stores nothing.
       const acc_t* zsrc = xr;
@@ -104,8 +111,9 @@ void softmax_fwd_rows(const Tensor& x, Tensor& y, double scale_d, const MaskView
         at::vec::map([inv](Vec v) { return v * Vec(inv); }, z, z, n);
         std::fill(z + n, z + N, acc_t(0));
       }
-      store_row<scalar_t, acc_t>(z, yr, N);
+      y_out.finish(yr, z);
     }
+    stream.fence();
   });
 }
 
@@ -122,12 +130,18 @@ void softmax_bwd_rows(const Tensor& dy, const Tensor& y, Tensor& dx, double scal
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
 
+  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(scalar_t));
+  const OutputStream stream(M * row_bytes);
+  const int64_t block = stream.rows_per_block(row_bytes);
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> b_dy(same ? 0 : N), b_y(same ? 0 : N), b_dx(N);
+    std::vector<acc_t> b_dy(same ? 0 : N), b_y(same ? 0 : N);
+    RowOut<scalar_t> dx_out(stream, N);
     for (int64_t m = begin; m < end; ++m) {
+      scalar_t* const dx_dst = dxp + m * N;
+      if (stream.on && (m - begin) % block == 0) stream.prepare(dx_dst, std::min(block, end - m) * row_bytes);
       const acc_t* g = load_row<scalar_t, acc_t>(dyp + m * N, N, b_dy.data());
       const acc_t* p = load_row<scalar_t, acc_t>(yp + m * N, N, b_y.data());
-      acc_t* d = row_buffer<scalar_t, acc_t>(dxp + m * N, b_dx.data());
+      acc_t* d = dx_out.acc_row(dx_dst);
       if (!log) {
         // dx = scale * y * (dy - sum(dy * y))
         const acc_t dot = at::vec::map2_reduce_all<acc_t>(
@@ -143,7 +157,7 @@ void softmax_bwd_rows(const Tensor& dy, const Tensor& y, Tensor& dx, double scal
               [](Vec a) { return a.exp_u20(); }, [](Vec a, Vec b) { return a + b; }, p, N);
           if (N > 1 && total > acc_t(1.5)) {
             std::fill(d, d + N, acc_t(0));
-            store_row<scalar_t, acc_t>(d, dxp + m * N, N);
+            dx_out.finish(dx_dst, d);
             continue;
           }
         }
@@ -154,8 +168,9 @@ void softmax_bwd_rows(const Tensor& dy, const Tensor& y, Tensor& dx, double scal
           for (int64_t j = 0; j < N; ++j) d[j] = p[j] == ninf ? acc_t(0) : d[j];
         }
       }
-      store_row<scalar_t, acc_t>(d, dxp + m * N, N);
+      dx_out.finish(dx_dst, d);
     }
+    stream.fence();
   });
 }
 
