@@ -115,6 +115,11 @@ def why_not(op: str, backend: str, device_type: str) -> str | None:
         return None
     if device_type not in ("cpu", "cuda"):
         return f"llmfast kernels run on cpu and cuda tensors, not {device_type}"
+    # a backend/device mismatch first: it holds whatever this machine has
+    if backend == "cpu" and device_type != "cpu":
+        return "the cpu backend runs CPU tensors"
+    if backend == "cuda" and device_type != "cuda":
+        return "the cuda backend runs CUDA tensors"
     if device_type == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU is visible to torch"
     if backend == "triton":
@@ -126,10 +131,6 @@ def why_not(op: str, backend: str, device_type: str) -> str | None:
         if device_type == "cpu" and not triton_interpret():
             return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
         return None
-    if backend == "cpu" and device_type != "cpu":
-        return "the cpu backend runs CPU tensors"
-    if backend == "cuda" and device_type != "cuda":
-        return "the cuda backend runs CUDA tensors"
     if spec.native is None:
         return f"{op} has no C++ kernel"
     ext, err = _extension()
