@@ -180,9 +180,14 @@ def backend(name: str):
         _stack.pop()
 
 
-@torch.compiler.assume_constant_result
 def _resolve_cached(op: str, device_type: str, dtype: torch.dtype, requested: str) -> str:
     return _resolve(op, device_type, dtype, requested)
+
+
+# What torch.compiler.assume_constant_result does (torch 2.14: it sets this flag), without
+# its `import torch._dynamo`, which took a third of `import llmfast` (~1.1 s). The choice
+# is then a constant when torch.compile traces an op (tests/test_*: compile fullgraph).
+_resolve_cached._dynamo_marked_constant = True
 
 
 @functools.lru_cache(maxsize=None)
