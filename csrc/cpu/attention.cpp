@@ -488,7 +488,73 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
 // ---------------------------------------------------------------------------------
 // Backward
 
-// Δ[b, h, i] = Σ_d dO·O (fp32), the softmax-backward row term.
+// p[0, nv) = exp(s (+ mask) - lse) in place: the forward's probabilities from the scaled
+// scores of one backward tile row. Shared by the Δ pre-pass and the backward proper, so
+// both see bit-identical p (same GEMM calls, same tiles, same exp).
+inline void bwd_probs_row(const Problem& P, float* p, int64_t nv, float lse_i, int64_t b, int64_t h, int64_t i,
+                          int64_t j0) {
+  if (P.mask) apply_mask_row(p, nv, *P.mask, b, h, i, j0);
+  at::vec::map([lse_i](Vec x) { return (x - Vec(lse_i)).exp_u20(); }, p, p, nv);
+}
+
+// Δ[b, h, i] = Σ_j p_ij·z_ij·dP_ij (fp32), z the dropout factors (1 without dropout): the
+// same value as Σ_d dO·O for the exact (dropped-out) output, computed from the p and dP
+// the backward itself uses. Why not Σ_d dO·O from the stored output: for fp16/bf16 the
+// stored O is rounded to 8 (bf16) or 11 (fp16) bits, and with peaked softmaxes (inputs
+// like OpInfo's, uniform in [-9, 9], |s| ~ 100) the true dS = p∘(dP − Δ) is far smaller
+// than dO·(rounding error of O); dQ/dK then came out 2-10x less accurate than torch's
+// fp32-internal computation. Here Σ_j dS_ij = 0 up to fp32 rounding, as it should.
+// Cost: one extra pass of S = Q Kᵀ and dP = dO Vᵀ (2 of the backward's 5 GEMMs), so
+// only fp16/bf16 take it; extra memory is Δ itself, O(L), plus O(BM·BN) per thread.
+// Tasks are (b·H + h, query tile); each writes only its own rows, in a fixed order.
+void delta_from_probs(const Problem& P, const View& q, const View& dO, const Tensor& kT, const Tensor& vT,
+                      const Tensor& lse, Tensor& delta) {
+  const int64_t H = P.H, L = P.L, S = P.S, D = P.D, Dv = P.Dv;
+  const int64_t nkt = (S + BN_BWD - 1) / BN_BWD, nmt = (L + BM_BWD - 1) / BM_BWD;
+  const float* ktp = kT.const_data_ptr<float>();
+  const float* vtp = vT.const_data_ptr<float>();
+  const float* lsep = lse.const_data_ptr<float>();
+  float* dlp = delta.mutable_data_ptr<float>();
+  parallel_tasks(P.B * H * nmt, [&](const auto& next) {
+    std::vector<float> pbuf(BM_BWD * BN_BWD), dpbuf(BM_BWD * BN_BWD), zdrop(P.drop.on ? BN_BWD : 0);
+    for (int64_t t; (t = next()) >= 0;) {
+      const int64_t bh = t / nmt, mt = t % nmt, b = bh / H, h = bh % H, bk = b * P.Hkv + h / P.G;
+      // i0 on the BM_BWD grid, as in bwd_impl: the GEMMs below then give its exact S, dP
+      const int64_t i0 = mt * BM_BWD, mb = std::min(BM_BWD, L - i0);
+      float* d = dlp + bh * L + i0;
+      std::fill(d, d + mb, 0.f);
+      const int64_t s_end = P.causal ? std::min(S, i0 + mb) : S;
+      for (int64_t j0 = 0; j0 < s_end; j0 += BN_BWD) {
+        const int64_t tile = j0 / BN_BWD, nb = std::min(BN_BWD, S - j0);
+        const float* ktb = ktp + (bk * nkt + tile) * D * BN_BWD;
+        const float* vtb = vtp + (bk * nkt + tile) * Dv * BN_BWD;
+        float* Pb = pbuf.data();
+        float* dPb = dpbuf.data();
+        gemm<false>(mb, nb, D, q.at(b, h, i0), q.sn, ktb, BN_BWD, Pb, BN_BWD);      // S = Q Kᵀ
+        gemm<false>(mb, nb, Dv, dO.at(b, h, i0), dO.sn, vtb, BN_BWD, dPb, BN_BWD);  // dP = dO Vᵀ
+        for (int64_t r = 0; r < mb; ++r) {
+          const int64_t i = i0 + r;
+          const float lse_i = lsep[bh * L + i];
+          const int64_t nv = lse_i == kNegInf ? 0 : visible(P.causal, i, j0, nb);
+          if (nv == 0) continue;
+          float* p = Pb + r * BN_BWD;
+          float* dp = dPb + r * BN_BWD;
+          bwd_probs_row(P, p, nv, lse_i, b, h, i, j0);
+          if (P.drop.on) {
+            float* z = zdrop.data();
+            P.drop.factors(z, nv, bh, i, j0);
+            at::vec::map2([](Vec x, Vec f) { return x * f; }, p, p, z, nv);
+          }
+          d[r] += at::vec::map2_reduce_all<float>([](Vec a, Vec c) { return a * c; },
+                                                  [](Vec a, Vec c) { return a + c; }, p, dp, nv);
+        }
+      }
+    }
+  });
+}
+
+// Δ[b, h, i] = Σ_d dO·O (fp32), the softmax-backward row term, from the stored output.
+// Used for fp32 inputs only: for fp16/bf16 the stored O is rounded (see delta_from_probs).
 template <typename scalar_t>
 Tensor row_dot(const Tensor& dout, const Tensor& out) {
   const int64_t Dv = out.size(-1), rows = out.numel() / std::max<int64_t>(Dv, 1);
@@ -559,8 +625,7 @@ void bwd_impl(const Problem& P, const View& q, const View& k, const View& dO, co
               const int64_t nv = lse_i == kNegInf ? 0 : visible(P.causal, i, j0, nb);
               if (nv > 0) {
                 // p = exp(s (+ mask) - lse), s already scaled: the forward's probabilities
-                if (P.mask) apply_mask_row(p, nv, *P.mask, b, h, i, j0);
-                at::vec::map([lse_i](Vec x) { return (x - Vec(lse_i)).exp_u20(); }, p, p, nv);
+                bwd_probs_row(P, p, nv, lse_i, b, h, i, j0);
                 const float d_i = dlp[bh * L + i];
                 if (P.drop.on) {
                   // dS = p∘(z∘dP − Δ) and dV takes p∘z, z = keep/(1 − p_drop); the
@@ -628,10 +693,18 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, who, ": float64 runs on the torch backend");
     } else {
-      const Tensor go = grad_out.contiguous(), o = out.contiguous(), lse_c = lse.contiguous();
-      const Tensor delta = row_dot<scalar_t>(go, o);
+      const Tensor go = grad_out.contiguous(), lse_c = lse.contiguous();
       const Tensor qs = scaled_f32(q, scale), k32 = as_f32(k), go32 = as_f32(go);
       const Tensor kT = pack_transposed<scalar_t>(k, BN_BWD), vT = pack_transposed<scalar_t>(v, BN_BWD);
+      // Δ: from the stored output for fp32 (exact enough, one cheap pass); from p and dP
+      // for fp16/bf16, whose stored output is rounded (see delta_from_probs)
+      Tensor delta;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        delta = row_dot<scalar_t>(go, out.contiguous());
+      } else {
+        delta = at::empty({P.B, P.H, P.L}, q.options().dtype(at::kFloat));
+        delta_from_probs(P, view_of(qs), view_of(go32), kT, vT, lse_c, delta);
+      }
       // Enough (b, kv head, chunk) tasks to keep every thread busy; each chunk beyond
       // the first costs a [B, H, L, D] fp32 dQ slice.
       const int64_t nkt = (P.S + BN_BWD - 1) / BN_BWD;
