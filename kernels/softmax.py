@@ -115,7 +115,10 @@ def _softmax_bwd_kernel(DY_ptr, Y_ptr, DX_ptr, N, scale,
         y = tl.load(Y_ptr + row + cols, mask=inb, other=float("-inf") if LOG else 0.0).to(tl.float32)
         if LOG:
             p = tl.exp(y)
-            dx = (dy - p * tl.sum(dy, axis=0)) * scale
+            if MASKED:  # a masked position's -inf is a constant: its dy is left out of the sum
+                dx = (dy - p * tl.sum(tl.where(y == float("-inf"), 0.0, dy), axis=0)) * scale
+            else:
+                dx = (dy - p * tl.sum(dy, axis=0)) * scale
             if MASKED:
                 # fully masked rows were written as zeros: their exp sums to N > 1
                 dead_row = (N > 1) & (tl.sum(p, axis=0) > 1.5)
@@ -131,7 +134,7 @@ def _softmax_bwd_kernel(DY_ptr, Y_ptr, DX_ptr, N, scale,
             dy = tl.load(DY_ptr + row + start + cols, mask=inb, other=0.0).to(tl.float32)
             y = tl.load(Y_ptr + row + start + cols, mask=inb, other=float("-inf") if LOG else 0.0).to(tl.float32)
             if LOG:
-                acc += dy
+                acc += tl.where(y == float("-inf"), 0.0, dy) if MASKED else dy
                 acc_p += tl.exp(y)
             else:
                 acc += dy * y

@@ -117,6 +117,28 @@ def test_fully_masked_rows_give_zeros_and_zero_grad(backend, log, width):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("width", [5, 300, 9000])
+def test_masked_log_softmax_ignores_gradient_at_masked_positions(backend, width):
+    # a masked log-prob is the constant -inf: a gradient arriving there must not move the
+    # other positions (the kernels summed it into their row total; the reference did not)
+    x = _x((4, width), torch.float32)
+    keep = torch.rand(4, width, device=DEVICE) > 0.5
+    keep[:, 0] = True
+    dy = torch.randn(4, width, device=DEVICE)
+    grads = {}
+    for name in (backend, "torch"):
+        xg = x.clone().requires_grad_()
+        with llmfast.backend(name):
+            LF.log_softmax(xg, -1, mask=keep).backward(dy)
+        grads[name] = xg.grad
+    torch.testing.assert_close(grads[backend], grads["torch"], atol=1e-5, rtol=1e-5)
+    clean = x.clone().requires_grad_()
+    with llmfast.backend(backend):
+        LF.log_softmax(clean, -1, mask=keep).backward(dy.masked_fill(~keep, 0.0))
+    torch.testing.assert_close(grads[backend], clean.grad, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("log", [False, True])
 @pytest.mark.parametrize("L,S", [(5, 5), (7, 13), (13, 7), (1, 40), (40, 1)])
 def test_causal(backend, log, L, S):

@@ -148,8 +148,12 @@ void softmax_bwd_rows(const Tensor& dy, const Tensor& y, Tensor& dx, double scal
             [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, g, p, N);
         at::vec::map2([dot, scale](Vec a, Vec b) { return b * (a - Vec(dot)) * Vec(scale); }, d, g, p, N);
       } else {
-        // dx = scale * (dy - exp(y) * sum(dy))
-        const acc_t s = vec_sum(g, N);
+        // dx = scale * (dy - exp(y) * sum(dy)). With a mask, a masked position's -inf is a
+        // constant, so its incoming gradient is left out of the sum (as in the reference).
+        const acc_t s = masked ? at::vec::map2_reduce_all<acc_t>(
+                                     [ninf](Vec a, Vec b) { return Vec::blendv(a, Vec(acc_t(0)), b == Vec(ninf)); },
+                                     [](Vec a, Vec b) { return a + b; }, g, p, N)
+                               : vec_sum(g, N);
         if (masked) {
           // A fully masked row was written as zeros: exp(0) sums to N > 1 there,
           // while any real log-softmax row sums to 1.

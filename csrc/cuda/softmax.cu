@@ -158,6 +158,13 @@ __global__ void softmax_fwd_block_kernel(const T* __restrict__ x, T* __restrict_
 // Backward. softmax: dx = scale*y*(dy - sum(dy*y)); log_softmax: dx = scale*(dy -
 // exp(y)*sum(dy)), with masked positions (y = -inf) and fully masked rows (written
 // as zeros, so exp(y) sums to N > 1) getting zero gradient.
+// A row-sum term: dy*y (softmax) or dy (log_softmax). A masked position's -inf is a
+// constant, so its dy is left out of the sum (as in the reference).
+__device__ __forceinline__ float bwd_term(float dy, float y, bool log, bool masked) {
+  if (!log) return dy * y;
+  return masked && y == kNegInf ? 0.f : dy;
+}
+
 __device__ __forceinline__ float bwd_value(float dy, float y, float total, float scale, bool log, bool masked,
                                            bool dead_row) {
   if (!log) return y * (dy - total) * scale;
@@ -180,7 +187,7 @@ __global__ void softmax_bwd_warp_kernel(const T* __restrict__ dy, const T* __res
     const int j = i * 32 + lane;
     gv[i] = j < N ? static_cast<float>(g[j]) : 0.f;
     pv[i] = j < N ? static_cast<float>(p[j]) : (log ? kNegInf : 0.f);
-    total += log ? gv[i] : gv[i] * pv[i];
+    total += bwd_term(gv[i], pv[i], log, masked);
     if (log) psum += __expf(pv[i]);
   }
   total = warp_sum(total);
@@ -208,7 +215,7 @@ __global__ void softmax_bwd_block_kernel(const T* __restrict__ dy, const T* __re
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
       const float gv = static_cast<float>(gp.v[v]), pv = static_cast<float>(pp.v[v]);
-      total += log ? gv : gv * pv;
+      total += bwd_term(gv, pv, log, masked);
       if (log) psum += __expf(pv);
     }
   }
