@@ -3,7 +3,7 @@
 Outputs at least ``llmfast._C.cpu_stream_bytes`` large (the last-level cache size) are
 finished in scratch rows and written with streaming stores. That threshold is tens of
 MB, so a child process lowers it with LLMFAST_CPU_STREAM_BYTES and runs small cases
-through the path (norms and softmax): rows whose length is not a multiple of the 64-byte store (unaligned
+through the path (norms, softmax, the cross-entropy gradient): rows whose length is not a multiple of the 64-byte store (unaligned
 heads and tails), fp32 and bf16, with and without the residual, forward and every
 gradient, against the float64 reference.
 """
@@ -44,6 +44,12 @@ CHILD = textwrap.dedent("""
                 "softmax masked": (lambda x: LF.softmax(x, -1, mask=m), [x]),
                 "log_softmax causal": (lambda x: LF.log_softmax(x, -1, is_causal=True), [x]),
             })
+            if n > 1:
+                t = torch.randint(0, n, (37,))
+                t[3] = -100  # an ignored row is zero-filled, not streamed
+                for red in ("none", "mean"):
+                    cases[f"cross_entropy {red}"] = (
+                        lambda x, red=red, t=t: LF.cross_entropy(x, t, reduction=red, label_smoothing=0.1), [x])
             for name, (fn, args) in cases.items():
                 res = compare(fn, args, "cpu")
                 if not res.ok:

@@ -31,6 +31,7 @@
 #include <torch/library.h>
 
 #include "cpu/row.h"
+#include "cpu/stream.h"
 
 namespace llmfast::cpu {
 namespace {
@@ -116,10 +117,13 @@ RowStats<acc_t> row_stats(const scalar_t* x, const CeParams<acc_t>& p, acc_t* bu
   return st;
 }
 
-// dx_c = g * dloss/dx_c for one row, block by block (dx may alias x).
+// dx_c = g * dloss/dx_c for one row, block by block (dx may alias x). With `stream`
+// (a fresh dx larger than the last-level cache, never x itself) each block is finished
+// in buf and streamed out (stream.h).
 template <typename scalar_t, typename acc_t>
 void row_grad(const scalar_t* x, scalar_t* dx, const CeParams<acc_t>& p, int64_t t, acc_t hi, acc_t lo, acc_t g,
-              acc_t* buf) {
+              acc_t* buf, const OutputStream* stream = nullptr) {
+  alignas(64) scalar_t out[std::is_same_v<scalar_t, acc_t> ? 1 : kBlock];  // a streamed half block
   using Vec = Vectorized<acc_t>;
   const acc_t wt = p.w ? p.w[t] : acc_t(1);
   const acc_t coef = g * ((acc_t(1) - p.eps) * wt + p.eps / acc_t(p.C) * p.w_total);
@@ -129,7 +133,8 @@ void row_grad(const scalar_t* x, scalar_t* dx, const CeParams<acc_t>& p, int64_t
   for (int64_t j0 = 0; j0 < p.C; j0 += kBlock) {
     const int64_t n = std::min(kBlock, p.C - j0);
     const acc_t* xb = load_row<scalar_t, acc_t>(x + j0, n, buf);
-    acc_t* db = row_buffer<scalar_t, acc_t>(dx + j0, buf);  // in place over buf (or dx) is safe: map reads then writes each vector
+    // in place over buf (or dx) is safe: map reads then writes each vector
+    acc_t* db = stream ? buf : row_buffer<scalar_t, acc_t>(dx + j0, buf);
     if (a == acc_t(0)) {
       at::vec::map([vhi, vlo, vcoef](Vec v) { return (v - vhi - vlo).exp_u20() * vcoef; }, db, xb, n);
     } else if (p.w) {
@@ -139,7 +144,16 @@ void row_grad(const scalar_t* x, scalar_t* dx, const CeParams<acc_t>& p, int64_t
       at::vec::map([vhi, vlo, vcoef, va](Vec v) { return (v - vhi - vlo).exp_u20() * vcoef - va; }, db, xb, n);
     }
     if (t >= j0 && t < j0 + n) db[t - j0] -= b;
-    store_row<scalar_t, acc_t>(db, dx + j0, n);
+    if (stream) {
+      const scalar_t* src = reinterpret_cast<const scalar_t*>(db);
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+        store_row<scalar_t, acc_t>(db, out, n);
+        src = out;
+      }
+      stream->write(dx + j0, src, n * static_cast<int64_t>(sizeof(scalar_t)));
+    } else {
+      store_row<scalar_t, acc_t>(db, dx + j0, n);
+    }
   }
 }
 
@@ -194,17 +208,23 @@ void bwd_rows(const Tensor& grad, const Tensor& x, const Tensor& target, const T
   const int64_t* tp = target.const_data_ptr<int64_t>();
   const acc_t* gp = grad.const_data_ptr<acc_t>();
   const acc_t* ep = lse.const_data_ptr<acc_t>();
+  const int64_t row_bytes = C * static_cast<int64_t>(sizeof(scalar_t));
+  const OutputStream stream(N * row_bytes);
+  const int64_t block = stream.rows_per_block(row_bytes);
   at::parallel_for(0, N, grain_for(C), [&](int64_t begin, int64_t end) {
     alignas(64) acc_t buf[kBlock];
     for (int64_t i = begin; i < end; ++i) {
+      if (stream.on && (i - begin) % block == 0) stream.prepare(dp + i * C, std::min(block, end - i) * row_bytes);
       const int64_t t = tp[i];
       if (t == p.ignore_index) {
         std::fill(dp + i * C, dp + (i + 1) * C, scalar_t(0));
         continue;
       }
       check_target(t, i, p);
-      row_grad<scalar_t, acc_t>(xp + i * C, dp + i * C, p, t, ep[2 * i], ep[2 * i + 1], gp[i], buf);
+      row_grad<scalar_t, acc_t>(xp + i * C, dp + i * C, p, t, ep[2 * i], ep[2 * i + 1], gp[i], buf,
+                                stream.on ? &stream : nullptr);
     }
+    stream.fence();
   });
 }
 
