@@ -208,13 +208,11 @@ void bwd_rows(const Tensor& grad, const Tensor& x, const Tensor& target, const T
   const int64_t* tp = target.const_data_ptr<int64_t>();
   const acc_t* gp = grad.const_data_ptr<acc_t>();
   const acc_t* ep = lse.const_data_ptr<acc_t>();
-  const int64_t row_bytes = C * static_cast<int64_t>(sizeof(scalar_t));
-  const OutputStream stream(N * row_bytes);
-  const int64_t block = stream.rows_per_block(row_bytes);
+  const OutputStream stream(N, C * static_cast<int64_t>(sizeof(scalar_t)));
   at::parallel_for(0, N, grain_for(C), [&](int64_t begin, int64_t end) {
     alignas(64) acc_t buf[kBlock];
     for (int64_t i = begin; i < end; ++i) {
-      if (stream.on && (i - begin) % block == 0) stream.prepare(dp + i * C, std::min(block, end - i) * row_bytes);
+      stream.prepare_rows(dp + i * C, i - begin, end - i);
       const int64_t t = tp[i];
       if (t == p.ignore_index) {
         std::fill(dp + i * C, dp + (i + 1) * C, scalar_t(0));

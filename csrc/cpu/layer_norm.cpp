@@ -81,9 +81,7 @@ void layer_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, co
   const acc_t* rsp = rstd_t.const_data_ptr<acc_t>();
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
   const bool params = dw_part != nullptr || db_part != nullptr;
-  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(scalar_t));
-  const OutputStream stream(x.size(0) * row_bytes);
-  const int64_t block = (stream.rows_per_block(row_bytes) + 1) / 2 * 2;  // even: rows go in pairs from even offsets
+  const OutputStream stream(x.size(0), N * static_cast<int64_t>(sizeof(scalar_t)));
 
   with_flags(wp != nullptr, params, [&](auto has_w, auto has_params) {
     constexpr bool HW = decltype(has_w)::value, HP = decltype(has_params)::value;
@@ -186,7 +184,7 @@ void layer_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, co
         if (db_part) std::fill(db_part + k * N, db_part + (k + 1) * N, acc_t(0));
         // kGroup is even and groups start at even offsets, so a pair never straddles two
         for (int64_t m = b0; m < b1;) {
-          if (stream.on && (m - b0) % block == 0) stream.prepare(dxp + m * N, std::min(block, b1 - m) * row_bytes);
+          stream.prepare_rows(dxp + m * N, m - b0, b1 - m);  // m - b0 is even: rows go in pairs
           if (HP && (m - b0) % kGroup == 0) {
             std::fill(pdw, pdw + N, acc_t(0));
             std::fill(pdb, pdb + N, acc_t(0));

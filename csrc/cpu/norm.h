@@ -98,20 +98,15 @@ void norm_fwd_rows(const Tensor& x, const Tensor& r, Tensor& y, Tensor& s, F&& n
   const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* sp = r.defined() ? s.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(scalar_t));
-  const OutputStream stream(M * row_bytes * (sp ? 2 : 1));
-  const int64_t block = stream.rows_per_block(row_bytes);
+  const OutputStream stream(M, N * static_cast<int64_t>(sizeof(scalar_t)), sp ? 2 : 1);
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> in_buf(same ? 0 : N), in_buf2(same || !rp ? 0 : N);
     RowOut<scalar_t> y_out(stream, N), s_out(stream, sp ? N : 0);
     for (int64_t m = begin; m < end; ++m) {
       scalar_t* const y_dst = yp + m * N;
       scalar_t* const s_dst = sp ? sp + m * N : nullptr;
-      if (stream.on && (m - begin) % block == 0) {
-        const int64_t bytes = std::min(block, end - m) * row_bytes;
-        stream.prepare(y_dst, bytes);
-        if (s_dst) stream.prepare(s_dst, bytes);
-      }
+      stream.prepare_rows(y_dst, m - begin, end - m);
+      if (s_dst) stream.prepare_rows(s_dst, m - begin, end - m);
       const acc_t* in = norm_input_row<scalar_t, acc_t>(xp + m * sx, rp ? rp + m * sr : nullptr,
                                                         s_dst ? s_out.row(s_dst) : nullptr, N, in_buf.data(),
                                                         in_buf2.data());

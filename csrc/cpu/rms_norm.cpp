@@ -61,9 +61,7 @@ void rms_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, cons
   const acc_t* wp = ptr_or_null<acc_t>(w);
   const acc_t* rsp = rstd_t.const_data_ptr<acc_t>();
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
-  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(scalar_t));
-  const OutputStream stream(x.size(0) * row_bytes);
-  const int64_t block = stream.rows_per_block(row_bytes);
+  const OutputStream stream(x.size(0), N * static_cast<int64_t>(sizeof(scalar_t)));
 
   with_flags(wp != nullptr, dw_part != nullptr, [&](auto has_w, auto has_dw) {
     constexpr bool HW = decltype(has_w)::value, HP = decltype(has_dw)::value;
@@ -75,9 +73,7 @@ void rms_norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, cons
       for (int64_t k = kb; k < ke; ++k) {
         if (HP) std::fill(dw_part + k * N, dw_part + (k + 1) * N, acc_t(0));
         for (int64_t m = blocks.begin(k); m < blocks.end(k); ++m) {
-          if (stream.on && (m - blocks.begin(k)) % block == 0) {
-            stream.prepare(dxp + m * N, std::min(block, blocks.end(k) - m) * row_bytes);
-          }
+          stream.prepare_rows(dxp + m * N, m - blocks.begin(k), blocks.end(k) - m);
           if (HP && (m - blocks.begin(k)) % kGroup == 0) std::fill(pdw, pdw + N, acc_t(0));
           const acc_t* xr = load_row<scalar_t, acc_t>(xp + m * sx, N, bx.data());
           const acc_t* gr = load_row<scalar_t, acc_t>(dyp + m * sdy, N, bdy.data());

@@ -52,16 +52,14 @@ void softmax_fwd_rows(const Tensor& x, Tensor& y, double scale_d, const MaskView
   const bool masked = mask != nullptr || causal;
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
-  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(scalar_t));
-  const OutputStream stream(M * row_bytes);
-  const int64_t block = stream.rows_per_block(row_bytes);
+  const OutputStream stream(M, N * static_cast<int64_t>(sizeof(scalar_t)));
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> in_buf(std::is_same_v<scalar_t, acc_t> ? 0 : N);
     RowOut<scalar_t> y_out(stream, N);
     for (int64_t m = begin; m < end; ++m) {
       const int64_t l = m % L, b = (m / L) % B, a = m / (L * B);
       scalar_t* yr = yp + m * N;
-      if (stream.on && (m - begin) % block == 0) stream.prepare(yr, std::min(block, end - m) * row_bytes);
+      stream.prepare_rows(yr, m - begin, end - m);
       // Causal rows only see columns [0, l]; the rest is -inf (prob 0).
       const int64_t n = causal ? std::min<int64_t>(N, l + 1) : N;
       const acc_t* xr = load_row<scalar_t, acc_t>(xp + m * N, n, in_buf.data());
@@ -130,15 +128,13 @@ void softmax_bwd_rows(const Tensor& dy, const Tensor& y, Tensor& dx, double scal
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
 
-  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(scalar_t));
-  const OutputStream stream(M * row_bytes);
-  const int64_t block = stream.rows_per_block(row_bytes);
+  const OutputStream stream(M, N * static_cast<int64_t>(sizeof(scalar_t)));
   at::parallel_for(0, M, grain_for(N), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> b_dy(same ? 0 : N), b_y(same ? 0 : N);
     RowOut<scalar_t> dx_out(stream, N);
     for (int64_t m = begin; m < end; ++m) {
       scalar_t* const dx_dst = dxp + m * N;
-      if (stream.on && (m - begin) % block == 0) stream.prepare(dx_dst, std::min(block, end - m) * row_bytes);
+      stream.prepare_rows(dx_dst, m - begin, end - m);
       const acc_t* g = load_row<scalar_t, acc_t>(dyp + m * N, N, b_dy.data());
       const acc_t* p = load_row<scalar_t, acc_t>(yp + m * N, N, b_y.data());
       acc_t* d = dx_out.acc_row(dx_dst);

@@ -14,8 +14,8 @@
 //    decides. (With THP_MEM_ALLOC_ENABLE=1, torch's huge-page allocation, faults are cheap
 //    and this path measured at parity with plain stores, not ahead.)
 //
-// Use: OutputStream stream(total_output_bytes); if (stream.on) each thread calls
-// stream.prepare(ptr, bytes) on the output range it is about to write, finishes each row
+// Use: OutputStream stream(rows, row_bytes[, outputs]); each thread calls
+// stream.prepare_rows(row_ptr, index, left) as it reaches each output row, finishes each row
 // in an L1 scratch row that stream.write(dst, scratch, bytes) copies out (RowOut below
 // does this), and calls stream.fence() when its part is done (streaming stores are
 // weakly ordered).
@@ -85,12 +85,25 @@ inline int64_t stream_min_bytes() {
 
 struct OutputStream {
   bool on;
-  explicit OutputStream(int64_t total_bytes) : on(total_bytes >= stream_min_bytes()) {}
-
+  int64_t row_bytes;
   // Rows per prepare() call: about 1 MB, so the pages the kernel zeroes are still in
   // cache when the rows are written (populating a whole thread's part up front would
-  // push them out to memory first).
-  static int64_t rows_per_block(int64_t row_bytes) { return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(row_bytes, 1)); }
+  // push them out to memory first). Even, so kernels that take rows in pairs from even
+  // offsets never straddle two calls.
+  int64_t block;
+
+  // `outputs` tensors of `rows` rows of `row_bytes` each, written by one kernel.
+  OutputStream(int64_t rows, int64_t row_bytes, int64_t outputs = 1)
+      : on(rows * row_bytes * outputs >= stream_min_bytes()),
+        row_bytes(row_bytes),
+        block(std::max<int64_t>(2, (int64_t(1) << 20) / std::max<int64_t>(row_bytes, 1)) / 2 * 2) {}
+
+  // Called with each row a thread writes, in order: `row` points at it, it is the
+  // `index`-th row of the thread's run and `left` rows remain in that run (itself
+  // included). Every `block` rows, maps the next block's fresh pages.
+  void prepare_rows(void* row, int64_t index, int64_t left) const {
+    if (on && index % block == 0) prepare(row, std::min(block, left) * row_bytes);
+  }
 
   // Maps the fresh pages of [p, p + bytes) ahead of the writes, 1 MB at a time (one
   // residency probe per block). Errors (old kernel, not Linux) leave the normal faults.
