@@ -35,7 +35,6 @@ def softmax(x, dim=-1, *, scale=None, mask=None, is_causal=False, log=False):
     return out
 
 
-
 def softmax_backward(grad, out, scale=1.0, log=False, masked=False):
     """The input gradient of (log-)softmax over the last dim, from its output: the
     kernels' formula (used for double backward, as it is differentiable).
@@ -73,7 +72,6 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, residual=None):
     s = x if residual is None else x + residual
     out = torch.nn.functional.rms_norm(s, list(normalized_shape), weight, eps)
     return out if residual is None else (out, s)
-
 
 
 def _norm_backward(grad, s, weight, eps, centered):

@@ -37,3 +37,13 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test. Tiny models gain nothing from threads, and on a
+    shared 2-core machine OpenMP barriers across busy cores make each small op ~100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

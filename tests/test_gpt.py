@@ -12,14 +12,8 @@ from llmfast.train import ByteData, _make_optimizer, _train_step, evaluate
 GPT_OPS = ("layer_norm", "rms_norm", "attention", "fused_linear_cross_entropy", "softmax")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP barriers
-    # across busy cores make each small op ~100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: one thread (conftest.one_thread says why)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gpt_backends():
@@ -124,6 +118,18 @@ def test_convergence_matches_torch(backend):
     assert abs(ppl / ref_ppl - 1) < 0.03, (ppl, ref_ppl)
 
 
+def _train_steps(model, opt, idx, steps=3):
+    """Next-token training steps on ``idx``; the losses."""
+    losses = []
+    for _ in range(steps):
+        _, loss = model(idx, idx.roll(-1, 1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_torch_compile_fullgraph_trains():
     """fullgraph=True fails on any graph break; aot_eager also runs the fake and autograd
     registrations of every llmfast op (Inductor codegen adds nothing to that proof and takes
@@ -136,13 +142,7 @@ def test_torch_compile_fullgraph_trains():
         assert explain.graph_break_count == 0, explain.break_reasons
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        losses = []
-        for _ in range(3):
-            _, loss = compiled(idx, idx.roll(-1, 1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = _train_steps(compiled, opt, idx)
         _, eager = model(idx, idx.roll(-1, 1))
     assert losses[-1] < losses[0]
     assert all(p.grad is not None for p in model.parameters())
@@ -159,13 +159,7 @@ def test_torch_compile_inductor_trains():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     with llmfast.backend("cpu"):
         compiled = torch.compile(model, fullgraph=True)
-        losses = []
-        for _ in range(3):
-            _, loss = compiled(idx, idx.roll(-1, 1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = _train_steps(compiled, opt, idx)
     assert losses[-1] < losses[0]
 
 

@@ -13,14 +13,8 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16
         "--eval-batches", "2", "--lr", "1e-2", "--warmup", "2", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP barriers
-    # across busy cores make each small op ~100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: one thread (conftest.one_thread says why)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

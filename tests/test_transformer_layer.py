@@ -8,14 +8,8 @@ ATOL, RTOL = 3e-5, 1e-4
 D, H, FF = 16, 4, 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP barriers
-    # across busy cores make each small op ~100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: one thread (conftest.one_thread says why)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(**kw):
