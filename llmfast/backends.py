@@ -19,6 +19,7 @@ raises a :class:`BackendUnavailableError` that says why.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 from dataclasses import dataclass, field
@@ -37,22 +38,25 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this op on this device."""
 
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what every kernel backend takes
+
+
 @dataclass
 class OpSpec:
     """What an op declares about its backends.
 
-    ``native``: the name of the C++ schema whose CPU/CUDA kernels implement it.
-    ``triton``: whether kernels/<op>.py implements it.
-    ``dtypes``: the dtypes the kernel backends take (the torch backend takes any float).
+    ``kernel``: the forward kernel (``llmfast.ops._library.Kernel``): its native op
+    holds the C++ CPU/CUDA kernels, its Triton twin (if any) the Triton one.
+    ``dtypes``: the dtypes the kernel backends take (the torch backend takes any float);
+    ``cpu_dtypes``: the cpu backend's, when it takes more (float64).
     ``notes``: per-backend remarks shown by ``llmfast info`` (e.g. features that are
     served by the reference).
     """
 
     name: str
-    native: str | None = None
-    triton: bool = True
-    dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16)
-    cpu_dtypes: tuple | None = None
+    kernel: object = None
+    dtypes: tuple = FLOAT_DTYPES
+    cpu_dtypes: tuple | None = FLOAT_DTYPES + (torch.float64,)
     notes: dict = field(default_factory=dict)
 
     def dtypes_for(self, backend: str) -> tuple:
@@ -110,20 +114,22 @@ def why_not(op: str, backend: str, device_type: str) -> str | None:
         raise ValueError(f"unknown op {op!r}; known ops: {sorted(OPS)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {_CHOICES}")
-    spec = OPS[op]
+    kernel = OPS[op].kernel
     if backend == "torch":
         return None
     if device_type not in ("cpu", "cuda"):
         return f"llmfast kernels run on cpu and cuda tensors, not {device_type}"
+    if kernel is None:
+        return f"{op} has no llmfast kernel"
     # a backend/device mismatch first: it holds whatever this machine has
     if backend == "cpu" and device_type != "cpu":
         return "the cpu backend runs CPU tensors"
-    if backend == "cuda" and device_type != "cuda":
-        return "the cuda backend runs CUDA tensors"
+    if backend == "cuda" and device_type == "cpu":
+        return _emulated(kernel)
     if device_type == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU is visible to torch"
     if backend == "triton":
-        if not spec.triton:
+        if kernel.triton is None:
             return f"{op} has no Triton kernel"
         _, err = _triton()
         if err:
@@ -131,16 +137,26 @@ def why_not(op: str, backend: str, device_type: str) -> str | None:
         if device_type == "cpu" and not triton_interpret():
             return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
         return None
-    if spec.native is None:
-        return f"{op} has no C++ kernel"
     ext, err = _extension()
     if err:
         return err
     key = "CPU" if backend == "cpu" else "CUDA"
     if backend == "cuda" and not getattr(ext, "with_cuda", False):
         return "llmfast._C was built without CUDA (no nvcc or LLMFAST_BUILD_CUDA=0 at build time)"
-    if not _has_kernel(spec.native, key):
-        return f"llmfast._C has no {key} kernel for {spec.native}"
+    if not _has_kernel(f"llmfast::{kernel.name}", key):
+        return f"llmfast._C has no {key} kernel for llmfast::{kernel.name}"
+    return None
+
+
+def _emulated(kernel) -> str | None:
+    """Why the cuda backend can't run CPU tensors: it can, through the warp emulator (tests only)."""
+    from llmfast.ops._library import emulator
+
+    _, err = emulator()
+    if err:
+        return f"the cuda backend runs CUDA tensors ({err})"
+    if not _has_kernel(f"llmfast_emu::{kernel.name}", "CPU"):
+        return f"llmfast._emu has no emulated kernel for llmfast::{kernel.name}"
     return None
 
 
@@ -156,28 +172,36 @@ def available(op: str, device="cpu") -> dict[str, str | None]:
 _ENV = os.environ.get("LLMFAST_BACKEND", "auto").strip().lower() or "auto"
 if _ENV not in _CHOICES:
     raise ValueError(f"LLMFAST_BACKEND={_ENV!r}; expected one of {_CHOICES}")
-_stack = [_ENV]
+# A context variable, not a global: each thread and each asyncio task sees the choice of
+# its own `with llmfast.backend(...)` blocks (new threads start from LLMFAST_BACKEND).
+_choice = contextvars.ContextVar("llmfast_backend", default=_ENV)
 
 
 def current() -> str:
-    """The backend name in force: ``"auto"`` or one of :data:`BACKENDS`."""
-    return _stack[-1]
+    """The backend name in force in this thread / task: ``"auto"`` or one of :data:`BACKENDS`."""
+    return _choice.get()
+
+
+# torch.compile reads the choice once, while tracing (see _resolve_cached below).
+current._dynamo_marked_constant = True
 
 
 @contextlib.contextmanager
 def backend(name: str):
-    """Run the ops inside the ``with`` block on backend ``name``.
+    """Run the ops inside the ``with`` block on backend ``name`` (per thread and asyncio task).
 
     >>> with llmfast.backend("cpu"):
     ...     y = llmfast.nn.functional.softmax(x, dim=-1)
+
+    A graph compiled by ``torch.compile`` keeps the backend it was traced with.
     """
     if not isinstance(name, str) or name.lower() not in _CHOICES:
         raise ValueError(f"backend must be one of {_CHOICES}, got {name!r}")
-    _stack.append(name.lower())
+    token = _choice.set(name.lower())
     try:
         yield
     finally:
-        _stack.pop()
+        _choice.reset(token)
 
 
 def _resolve_cached(op: str, device_type: str, dtype: torch.dtype, requested: str) -> str:

@@ -74,7 +74,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, residual=None):
     return out if residual is None else (out, s)
 
 
-def _norm_backward(grad, s, weight, eps, centered):
+def norm_backward(grad, s, weight, eps, centered):
     """(ds, dweight) of layer_norm (centered) / rms_norm of rows ``s`` [M, N] from
     the statistics recomputed in differentiable torch ops (used for double backward:
     ``s`` may be an output of the fused op, e.g. ``x + residual``, so this is a
@@ -90,16 +90,6 @@ def _norm_backward(grad, s, weight, eps, centered):
     ds = rstd * (inner - xhat * (gw * xhat).mean(-1, keepdim=True))
     dw = None if weight is None else (g * xhat).sum(0)
     return ds.to(s.dtype), dw
-
-
-def layer_norm_backward(grad, s, weight, eps):
-    """(ds, dweight) of ``layer_norm(s, (N,), weight, bias, eps)`` for rows ``s`` [M, N]."""
-    return _norm_backward(grad, s, weight, eps, centered=True)
-
-
-def rms_norm_backward(grad, s, weight, eps):
-    """(ds, dweight) of ``rms_norm(s, (N,), weight, eps)`` for rows ``s`` [M, N]."""
-    return _norm_backward(grad, s, weight, eps, centered=False)
 
 
 # ----------------------------------------------------------------------------------

@@ -1,14 +1,18 @@
 """Shared test setup.
 
 The suite runs every available backend on CPU tensors: ``cpu`` (C++), ``torch``
-(the reference) and ``triton`` under the interpreter. TRITON_INTERPRET must be
-set before triton is imported, so it is set here unless the caller chose
-(``TRITON_INTERPRET=0`` turns the Triton CPU tests off; a GPU run sets it to 0).
-CUDA tests run when a GPU is visible and skip cleanly otherwise.
+(the reference), ``triton`` under the interpreter and ``cuda`` through the warp
+emulator (csrc/dev/cuda_emu.h: csrc/cuda/*.cu compiled for the CPU as llmfast._emu).
+TRITON_INTERPRET must be set before triton is imported, and LLMFAST_CUDA_EMU before
+llmfast is, so both are set here unless the caller chose (``=0`` turns either off; a
+GPU run sets both to 0). CUDA tests on a GPU run when one is visible and skip cleanly
+otherwise.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("LLMFAST_TEST_DEVICE") == "cuda" else "1")
+_ON_GPU = os.environ.get("LLMFAST_TEST_DEVICE") == "cuda"
+os.environ.setdefault("TRITON_INTERPRET", "0" if _ON_GPU else "1")
+os.environ.setdefault("LLMFAST_CUDA_EMU", "0" if _ON_GPU else "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -18,12 +22,18 @@ import llmfast  # noqa: E402
 DEVICE = os.environ.get("LLMFAST_TEST_DEVICE", "cpu")
 
 
-def backends_for(op, device=DEVICE):
-    """pytest params: one per llmfast backend (torch excluded), skipped with the reason when unavailable."""
+def backends_for(op, device=DEVICE, emu=False):
+    """pytest params: one per llmfast backend (torch excluded), skipped with the reason when unavailable.
+
+    The emulated ``cuda`` backend (CPU tensors) runs every CUDA thread as a fiber: only
+    tests that ask for it with ``emu=True`` (small shapes) include it.
+    """
     out = []
     for name, why in llmfast.available(op, device).items():
         if name == "torch":
             continue
+        if name == "cuda" and torch.device(device).type == "cpu" and why is None and not emu:
+            why = "the emulated CUDA kernels run in the small-shape tests only (emu=True)"
         marks = [pytest.mark.skip(reason=f"{name}: {why}")] if why else []
         out.append(pytest.param(name, marks=marks, id=name))
     return out

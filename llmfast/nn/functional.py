@@ -14,8 +14,12 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from llmfast import backends, ops, reference
-from llmfast.ops.cross_entropy import REDUCTIONS, acc_dtype
+from llmfast import reference
+from llmfast.ops import attention as attention_op
+from llmfast.ops import cross_entropy as cross_entropy_op
+from llmfast.ops import fused_linear_cross_entropy as flce_op
+from llmfast.ops import norm as norm_op
+from llmfast.ops import softmax as softmax_op
 
 __all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "scaled_dot_product_attention", "flash_attention",
            "cross_entropy", "fused_linear_cross_entropy", "perplexity"]
@@ -69,7 +73,7 @@ def _softmax_common(name, input, dim, stacklevel, dtype, scale, mask, is_causal,
         if not ok:
             raise ValueError(f"{name}(): mask of shape {tuple(mask.shape)} is not broadcastable to the "
                              f"input's shape {tuple(input.shape)}")
-    return ops.softmax(input, dim, scale=scale, mask=mask, is_causal=bool(is_causal), log=log)
+    return softmax_op.softmax(input, dim, scale=scale, mask=mask, is_causal=bool(is_causal), log=log)
 
 
 def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3, dtype: Optional[torch.dtype] = None,
@@ -183,7 +187,7 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[
         if p is not None and p.dtype != input.dtype and not (p.dtype == torch.float32 and input.dtype in _HALF):
             raise RuntimeError(f"layer_norm(): mixed dtype: {arg} is {p.dtype} but input is {input.dtype}; expected "
                                f"{input.dtype}" + (" or torch.float32" if input.dtype in _HALF else ""))
-    return ops.layer_norm(input, shape, weight, bias, float(eps), residual=residual)
+    return norm_op.layer_norm(input, shape, weight, bias, float(eps), residual=residual)
 
 
 def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
@@ -201,21 +205,10 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Te
             dtype (float32 for fp16/bf16 inputs), as in torch.
         residual (keyword): a tensor like ``input``; returns ``(normalized, input + residual)``.
     """
-    if isinstance(input, Tensor) and input.is_complex():
-        # torch's rms_norm takes complex input (the mean of |x|^2); the kernels are real-only
-        return reference.rms_norm(input, normalized_shape, weight, eps, residual=residual)
+    if isinstance(input, Tensor) and input.is_complex():  # torch's rms_norm takes complex input: it checks it
+        return norm_op.rms_norm(input, normalized_shape, weight, eps, residual=residual)
     shape = _check_norm_args("rms_norm", input, normalized_shape, {"weight": weight}, eps, residual)
-    if eps is None:
-        # torch uses the epsilon of the math dtype: float32's for fp16/bf16 inputs, not
-        # finfo(bfloat16).eps = 2^-7, which would swamp the mean square of small rows
-        eps = torch.finfo(torch.float32 if input.dtype in _HALF else input.dtype).eps
-    if weight is not None and weight.dtype != input.dtype:
-        # The kernels read the input's dtype or float32; the cast is differentiable, so
-        # weight.grad still arrives in the weight's own dtype.
-        target = torch.float32 if input.dtype in _HALF else input.dtype
-        if weight.dtype != target:
-            weight = weight.to(target)
-    return ops.rms_norm(input, shape, weight, float(eps), residual=residual)
+    return norm_op.rms_norm(input, shape, weight, None if eps is None else float(eps), residual=residual)
 
 
 # Attention
@@ -321,7 +314,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     k4 = key.expand(k_lead + (S, E)).reshape(B, Hk, S, E)
     v4 = value.expand(k_lead + (S, Ev)).reshape(B, Hk, S, Ev)
     m4 = None if attn_mask is None else attn_mask.expand(lead + (L, S)).reshape(B, H, L, S)
-    out, _ = ops.attention(q4, k4, v4, m4, scale=scale, is_causal=bool(is_causal), dropout_p=float(dropout_p))
+    out, _ = attention_op.attention(q4, k4, v4, m4, scale=scale, is_causal=bool(is_causal), dropout_p=float(dropout_p))
     return out.reshape(lead + (L, Ev))
 
 
@@ -364,7 +357,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
         _check_mask(name, attn_mask, q, (B, H, L, S))
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"{name}(): seed must be an int, got {type(seed).__name__}")
-    out, lse = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, scale=scale,
+    out, lse = attention_op.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, scale=scale,
                              is_causal=bool(causal), dropout_p=float(dropout_p), seed=seed)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
@@ -392,7 +385,7 @@ def _loss_dtype(input: Tensor) -> torch.dtype:
 def _check_reduction(size_average, reduce, reduction) -> str:
     if size_average is not None or reduce is not None:  # the legacy arguments win, as in torch (with its warning)
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
-    if reduction not in REDUCTIONS:
+    if reduction not in cross_entropy_op.REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     return reduction
 
@@ -471,16 +464,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         if tuple(target.shape) != expected:
             raise ValueError(f"{name}(): expected target of shape {expected} for input of shape "
                              f"{tuple(input.shape)}, got {tuple(target.shape)}")
-    which = backends.resolve("cross_entropy", input)
-    if which == "torch":
-        return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
-    # canonical [N, C] rows: a view for [N, C]; [N, C, d...] moves the classes last (a copy)
-    x = input.unsqueeze(0) if input.dim() == 1 else input.movedim(1, -1)
-    x = x.reshape(-1, C).contiguous()
-    t = target.reshape(-1).to(torch.int64).contiguous()
-    w = None if weight is None else weight.to(acc_dtype(input.dtype)).contiguous()
-    out = ops.cross_entropy(x, t, w, ignore_index, reduction, float(label_smoothing), which, _loss_dtype(input))
-    return out.reshape(target.shape) if reduction == "none" else out
+    return cross_entropy_op.cross_entropy(input, target, weight, ignore_index, reduction, float(label_smoothing),
+                                          _loss_dtype(input))
 
 
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
@@ -533,17 +518,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"{name}(): chunk_size must be a positive int or None, got {chunk_size!r}")
     _check_class_weight(name, class_weight, V, hidden.device)
-    which = backends.resolve("fused_linear_cross_entropy", hidden)
-    if which == "torch":
-        return reference.fused_linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction,
-                                                    label_smoothing, class_weight)
-    h = hidden.reshape(-1, H).contiguous()
-    t = target.reshape(-1).to(torch.int64).contiguous()
-    cw = None if class_weight is None else class_weight.to(acc_dtype(hidden.dtype)).contiguous()
-    out = ops.fused_linear_cross_entropy(h, weight.contiguous(), t, None if bias is None else bias.contiguous(), cw,
-                                         ignore_index, reduction, float(label_smoothing), chunk_size, which,
-                                         _loss_dtype(hidden))
-    return out.reshape(target.shape) if reduction == "none" else out
+    return flce_op.fused_linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_index, reduction,
+                                              float(label_smoothing), chunk_size, _loss_dtype(hidden))
 
 
 def perplexity(input: Tensor, target: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:

@@ -1,4 +1,4 @@
-"""attention: op registration, autograd and backend choice.
+"""attention: kernel declarations, autograd, backend choice and the canonical form.
 
 The kernels see a canonical problem: q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S,
 Dv] with H % Hkv == 0 (GQA), last dims contiguous and any other strides (so packed
@@ -6,13 +6,6 @@ QKV views and broadcast batch dims cost no copy), an optional mask viewed as
 [B, H, L, S] (bool, or float32 additive; strides 0 where it broadcasts), is_causal
 (top-left), dropout_p and a seed. They return out [B, H, L, Dv] and lse [B, H, L]
 (fp32). :func:`attention` brings a checked call to that form.
-
-Native kernels (cpu, cuda) are the C++ schemas ``llmfast::attention_fwd/_bwd``; the
-Triton kernels are registered here as ``llmfast::attention_fwd_triton/_bwd_triton``
-with ``torch.library.custom_op`` rather than ``triton_op``: ``custom_op`` passes
-opcheck and ``torch.compile(fullgraph=True)`` under the Triton interpreter (where
-``triton_op``'s fake-tensor tracing reads data pointers and fails), so the same tests
-hold on CPU and GPU; Inductor treats the fused kernel as opaque, which costs nothing.
 
 lse is returned without gradient (as in flash-attn): the backward formulas take only
 grad_out.
@@ -26,21 +19,7 @@ from torch import Tensor
 
 from llmfast import backends, reference
 from llmfast.backends import OpSpec
-from llmfast.ops._library import create_graph, grads_by_recompute, has_native, native
-
-_F32_F16_BF16 = (torch.float32, torch.float16, torch.bfloat16)
-backends.register_op(OpSpec(
-    "attention", native="llmfast::attention_fwd", dtypes=_F32_F16_BF16,
-    notes={
-        "cpu": "fp16/bf16 computed in fp32; dropout fused (Philox, same mask as triton); "
-               "float64 and masks that need a gradient run on torch",
-        "triton": "dropout fused (Philox); bf16 dots upcast to fp32 under TRITON_INTERPRET",
-        "torch": "reference: materialises the L x S scores",
-    }))
-
-
-# ----------------------------------------------------------------------------------
-# Registration: fake impls and autograd for the native schemas, custom ops for Triton
+from llmfast.ops._library import create_graph, grads_by_recompute, kernel
 
 
 def _fwd_fake(q, k, v, mask, scale, is_causal, dropout_p, seed):
@@ -68,41 +47,45 @@ def _recompute_backward(ctx, grad_out, q, k, v, mask, scale, is_causal, dropout_
     return tuple(grads_by_recompute(fn, (q, k, v), ctx.needs_input_grad[:3], (grad_out,)))
 
 
-def _make_backward(bwd_op):
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        if create_graph():
-            return _recompute_backward(ctx, grad_out, q, k, v, mask, *ctx.args) + (None,) * 5
-        dq, dk, dv = bwd_op(grad_out.to(out.dtype).contiguous(), q, k, v, out, lse, mask, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
-    return backward
+def _backward(ctx, bwd, grad_out, grad_lse):
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    if create_graph():
+        return _recompute_backward(ctx, grad_out, q, k, v, mask, *ctx.args) + (None,) * 5
+    dq, dk, dv = bwd(grad_out.to(out.dtype).contiguous(), q, k, v, out, lse, mask, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
 
 
-if has_native("attention_fwd"):
-    torch.library.register_fake("llmfast::attention_fwd")(_fwd_fake)
-    torch.library.register_fake("llmfast::attention_bwd")(_bwd_fake)
-    torch.library.register_autograd("llmfast::attention_fwd", _make_backward(native("attention_bwd")),
-                                    setup_context=_setup_context)
+# Returns (dq, dk, dv) shaped like q, k, v (dk/dv summed over each GQA group).
+attention_bwd = kernel(
+    "attention_bwd", "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
+    "float scale, bool is_causal, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)", _bwd_fake,
+    triton="attention:attention_bwd")
+# softmax(q k^T * scale + mask) v, tile by tile with an online softmax. q: [B, H, L, D],
+# k: [B, Hkv, S, D], v: [B, Hkv, S, Dv]; H % Hkv == 0 (GQA: query head h reads kv head
+# h / (H / Hkv)). Last dims contiguous, other strides free. mask: None, or bool (True =
+# attend) / float32 (additive) viewed as [B, H, L, S] with any strides. is_causal keeps
+# key j <= query i (top-left, torch.tril). dropout_p > 0 drops probabilities with a
+# counter-based RNG keyed by `seed`, so backward regenerates the same mask. The draw is
+# the same on every backend: element (b, h, i, j) is kept iff word 0 of Philox4x32-10
+# with counter (j, i, b*H + h, 0) and key (seed & 0xffffffff, seed >> 32) is >=
+# floor(dropout_p * 2^32) (uint32 compare), and kept probabilities are scaled by
+# 1 / (1 - dropout_p); lse is that of the undropped softmax (reference.dropout_keep is
+# the executable spec). Callers handle dropout_p >= 1. Returns out [B, H, L, Dv]
+# (contiguous, input dtype) and lse [B, H, L] (float32; -inf for a row with no visible
+# key, whose out is zeros and whose gradients are zero).
+attention_fwd = kernel(
+    "attention_fwd", "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool is_causal, float dropout_p, "
+    "int seed) -> (Tensor, Tensor)", _fwd_fake, triton="attention:attention_fwd",
+    autograd=(attention_bwd, _setup_context, _backward))
 
-
-@torch.library.custom_op("llmfast::attention_fwd_triton", mutates_args=())
-def attention_fwd_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool,
-                         dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
-    from llmfast.kernels.attention import attention_fwd
-    return attention_fwd(q, k, v, mask, scale, is_causal, dropout_p, seed)
-
-
-@torch.library.custom_op("llmfast::attention_bwd_triton", mutates_args=())
-def attention_bwd_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                         mask: Optional[Tensor], scale: float, is_causal: bool, dropout_p: float,
-                         seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    from llmfast.kernels.attention import attention_bwd
-    return attention_bwd(grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p, seed)
-
-
-attention_fwd_triton.register_fake(_fwd_fake)
-attention_bwd_triton.register_fake(_bwd_fake)
-attention_fwd_triton.register_autograd(_make_backward(attention_bwd_triton), setup_context=_setup_context)
+backends.register_op(OpSpec(
+    "attention", kernel=attention_fwd, cpu_dtypes=None,
+    notes={
+        "cpu": "fp16/bf16 computed in fp32; dropout fused (Philox, same mask as triton); "
+               "float64 and masks that need a gradient run on torch",
+        "triton": "dropout fused (Philox); bf16 dots upcast to fp32 under TRITON_INTERPRET",
+        "torch": "reference: materialises the L x S scores",
+    }))
 
 
 # Dropout with a seed drawn inside the call (scaled_dot_product_attention, the module's
@@ -112,23 +95,18 @@ attention_fwd_triton.register_autograd(_make_backward(attention_bwd_triton), set
 # The kernels are the same; ``backend`` picks them.
 
 
-def _kernel_ops(backend: str):
-    if backend == "triton":
-        return attention_fwd_triton, attention_bwd_triton
-    return native("attention_fwd"), native("attention_bwd")
-
-
 @torch.library.custom_op("llmfast::attention_fwd_seeded", mutates_args=())
 def attention_fwd_seeded(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool,
                          dropout_p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    return _kernel_ops(backend)[0](q, k, v, mask, scale, is_causal, dropout_p, int(seed.item()))
+    return attention_fwd.on(backend, q.device.type)(q, k, v, mask, scale, is_causal, dropout_p, int(seed.item()))
 
 
 @torch.library.custom_op("llmfast::attention_bwd_seeded", mutates_args=())
 def attention_bwd_seeded(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                          mask: Optional[Tensor], scale: float, is_causal: bool, dropout_p: float, seed: Tensor,
                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernel_ops(backend)[1](grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p, int(seed.item()))
+    return attention_bwd.on(backend, q.device.type)(grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p,
+                                                    int(seed.item()))
 
 
 @attention_fwd_seeded.register_fake
@@ -204,42 +182,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, *,
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     if isinstance(seed, Tensor):
         return attention_fwd_seeded(q, k, v, mask, scale, bool(is_causal), dropout_p, seed, which)
-    return _kernel_ops(which)[0](q, k, v, mask, scale, bool(is_causal), dropout_p, int(seed))
+    return attention_fwd.on(which, q.device.type)(q, k, v, mask, scale, bool(is_causal), dropout_p, int(seed))
 
-
-def checks():
-    """``llmfast check`` cases: (name, make_inputs(device, dtype), fn)."""
-    from llmfast.nn import functional as F
-
-    def qkv(B, H, Hkv, L, S, D, Dv=None):
-        def make(device, dtype):
-            return [torch.randn(B, H, L, D, device=device).to(dtype),
-                    torch.randn(B, Hkv, S, D, device=device).to(dtype),
-                    torch.randn(B, Hkv, S, Dv or D, device=device).to(dtype)]
-        return make
-
-    def masked(device, dtype):
-        q, k, v = qkv(2, 4, 4, 37, 53, 64)(device, dtype)
-        m = torch.rand(2, 1, 37, 53, device=device) > 0.3
-        m[:, :, 5] = False  # a row that sees no key
-        return [q, k, v, m]
-
-    def packed(device, dtype):
-        x = torch.randn(2, 45, 3, 4, 40, device=device).to(dtype)
-        return [x]
-
-    def flash_packed(x):  # q, k, v as strided views of one [B, L, 3, H, D] tensor
-        q, k, v = x.unbind(2)
-        return F.flash_attention(q, k, v, causal=True)
-
-    return [
-        ("attention", qkv(2, 4, 4, 67, 93, 64), lambda q, k, v: F.scaled_dot_product_attention(q, k, v)),
-        ("attention causal", qkv(1, 4, 4, 130, 130, 64),
-         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
-        ("attention gqa 8:2 d=80", qkv(1, 8, 2, 33, 71, 80),
-         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
-        ("attention mask", masked, lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)),
-        ("attention packed qkv", packed, flash_packed),
-        ("attention d=256 L=1", qkv(2, 2, 2, 1, 129, 256),
-         lambda q, k, v: F.scaled_dot_product_attention(q, k, v)),
-    ]

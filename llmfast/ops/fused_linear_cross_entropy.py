@@ -33,15 +33,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from llmfast import backends
+from llmfast import backends, reference
 from llmfast.backends import OpSpec
-from llmfast.ops._library import native
-from llmfast.ops.cross_entropy import acc_dtype, fwd_grad_fn, target_weights
+from llmfast.ops._library import acc_dtype
+from llmfast.ops.cross_entropy import (cross_entropy_bwd, cross_entropy_fwd, cross_entropy_fwd_grad, reduce_rows,
+                                       target_weights)
 
-_F32_F16_BF16 = (torch.float32, torch.float16, torch.bfloat16)
 _NOTE = "projection by torch matmuls in chunks of tokens, loss by the fused kernel"
-backends.register_op(OpSpec("fused_linear_cross_entropy", native="llmfast::cross_entropy_fwd", dtypes=_F32_F16_BF16,
-                            cpu_dtypes=_F32_F16_BF16 + (torch.float64,),
+backends.register_op(OpSpec("fused_linear_cross_entropy", kernel=cross_entropy_fwd_grad,
                             notes={"triton": _NOTE, "cuda": _NOTE, "cpu": _NOTE}))
 
 # grad_mask bits: which gradients the forward computes (0 = none)
@@ -70,21 +69,9 @@ def _check_targets(target: Tensor, V: int, ignore_index: int):
                          f"(targets must be in [0, {V}) or equal ignore_index={ignore_index})")
 
 
-def _reduce(loss: Tensor, target: Tensor, class_weight: Optional[Tensor], ignore_index: int, reduction: str):
-    if reduction == "none":
-        return loss
-    total = loss.sum()
-    if reduction == "sum":
-        return total
-    return total / target_weights(target, class_weight, ignore_index, loss.dtype).sum()  # NaN if all ignored
-
-
-def _loss_kernels(which: str):
+def _loss_kernels(which: str, device_type: str):
     """(fwd, fwd_grad, bwd) per-chunk loss kernels of a backend, called below autograd."""
-    if which == "triton":
-        from llmfast.kernels import cross_entropy as k
-        return k.cross_entropy_fwd, k.cross_entropy_fwd_grad, k.cross_entropy_bwd
-    return native("cross_entropy_fwd"), fwd_grad_fn(which), native("cross_entropy_bwd")
+    return tuple(k.on(which, device_type) for k in (cross_entropy_fwd, cross_entropy_fwd_grad, cross_entropy_bwd))
 
 
 def _logits_into(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -140,7 +127,7 @@ def fused_linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optiona
     V = weight.shape[0]
     acc = acc_dtype(hidden.dtype)
     _check_targets(target, V, ignore_index)
-    fwd, fwd_grad, _ = _loss_kernels(backend)
+    fwd, fwd_grad, _ = _loss_kernels(backend, hidden.device.type)
     loss = hidden.new_empty(N, dtype=acc)
     lse = hidden.new_empty(N, 2, dtype=acc)
     gh = torch.empty_like(hidden) if grad_mask & GRAD_HIDDEN else None
@@ -159,7 +146,7 @@ def fused_linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optiona
                 l, e = fwd(logits, t, class_weight, ignore_index, label_smoothing)
             loss[n0:n1] = l
             lse[n0:n1] = e
-    return (_reduce(loss, target, class_weight, ignore_index, reduction), lse, _or_empty(gh, hidden),
+    return (reduce_rows(loss, target, class_weight, ignore_index, reduction), lse, _or_empty(gh, hidden),
             _or_empty(gw, hidden, weight.dtype), _or_empty(gb, hidden, None if bias is None else bias.dtype))
 
 
@@ -181,7 +168,7 @@ def fused_linear_cross_entropy_bwd(grad_rows: Tensor, hidden: Tensor, weight: Te
     N, H = hidden.shape
     V = weight.shape[0]
     acc = acc_dtype(hidden.dtype)
-    _, _, bwd = _loss_kernels(backend)
+    _, _, bwd = _loss_kernels(backend, hidden.device.type)
     gh = torch.empty_like(hidden) if grad_mask & GRAD_HIDDEN else None
     gw = weight.new_zeros(V, H, dtype=acc) if grad_mask & GRAD_WEIGHT else None
     gb = weight.new_zeros(V, dtype=acc) if (grad_mask & GRAD_BIAS and bias is not None) else None
@@ -264,44 +251,26 @@ fused_linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup
 
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                                class_weight: Optional[Tensor], ignore_index: int, reduction: str,
-                               label_smoothing: float, chunk_size: Optional[int], which: str,
-                               out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """hidden [N, H] contiguous, weight [V, H] contiguous, target [N] int64, bias [V]?,
-    class_weight None or [V] in the accumulation dtype; arguments checked by the caller.
-    Returns the loss in ``out_dtype`` (default hidden's dtype; [N] for 'none')."""
-    N, H = hidden.shape
-    V = weight.shape[0]
+                               label_smoothing: float, chunk_size: Optional[int], out_dtype: torch.dtype) -> Tensor:
+    """hidden [..., H], weight [V, H], target [...] class indices, bias [V]?, class_weight [V]?;
+    arguments checked by the caller. Returns the loss in ``out_dtype`` (shaped like target for 'none')."""
+    which = backends.resolve("fused_linear_cross_entropy", hidden)
+    if which == "torch":
+        return reference.fused_linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction,
+                                                    label_smoothing, class_weight)
+    H = hidden.shape[-1]
+    h = hidden.reshape(-1, H).contiguous()
+    t = target.reshape(-1).to(torch.int64).contiguous()
+    cw = None if class_weight is None else class_weight.to(acc_dtype(hidden.dtype)).contiguous()
+    w = weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    N, V = h.shape[0], w.shape[0]
     chunk = int(chunk_size) if chunk_size else default_chunk_size(N, H, V)
     grad_mask = 0
     if torch.is_grad_enabled() and reduction != "none":
-        grad_mask = ((GRAD_HIDDEN if hidden.requires_grad else 0) | (GRAD_WEIGHT if weight.requires_grad else 0)
-                     | (GRAD_BIAS if bias is not None and bias.requires_grad else 0))
-    loss, *_ = fused_linear_cross_entropy_fwd(hidden, weight, bias, target, class_weight, int(ignore_index),
-                                              float(label_smoothing), reduction, grad_mask, chunk, which)
-    return loss.to(out_dtype or hidden.dtype)
-
-
-def checks():
-    """``llmfast check`` cases: (name, make_inputs(device, dtype), fn)."""
-    from llmfast.nn import functional as F
-
-    def make(N, H, V, bias=True):
-        def inputs(device, dtype):
-            h = torch.randn(N, H, device=device).to(dtype)
-            w = (torch.randn(V, H, device=device) / math.sqrt(H)).to(dtype)
-            t = torch.randint(0, V, (N,), device=device)
-            t[::5] = -100
-            out = [h, w, t]
-            if bias:
-                out.append((torch.randn(V, device=device) * 0.1).to(dtype))
-            return out
-        return inputs
-
-    return [
-        ("fused_linear_cross_entropy mean", make(37, 64, 1000),
-         lambda h, w, t, b: F.fused_linear_cross_entropy(h, w, t, b, chunk_size=16)),
-        ("fused_linear_cross_entropy sum+smooth", make(29, 32, 517, bias=False),
-         lambda h, w, t: F.fused_linear_cross_entropy(h, w, t, reduction="sum", label_smoothing=0.1, chunk_size=8)),
-        ("fused_linear_cross_entropy none", make(21, 32, 300),
-         lambda h, w, t, b: F.fused_linear_cross_entropy(h, w, t, b, reduction="none", chunk_size=8)),
-    ]
+        grad_mask = ((GRAD_HIDDEN if h.requires_grad else 0) | (GRAD_WEIGHT if w.requires_grad else 0)
+                     | (GRAD_BIAS if b is not None and b.requires_grad else 0))
+    loss, *_ = fused_linear_cross_entropy_fwd(h, w, b, t, cw, int(ignore_index), float(label_smoothing), reduction,
+                                              grad_mask, chunk, which)
+    loss = loss.to(out_dtype)
+    return loss.reshape(target.shape) if reduction == "none" else loss

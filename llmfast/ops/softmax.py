@@ -1,18 +1,10 @@
-"""softmax / log_softmax: op registration, autograd and backend choice.
+"""softmax / log_softmax: kernel declarations, autograd and the canonical form.
 
 The kernels see a canonical problem: ``input`` [A, B, L, N] contiguous, softmax
 over N, an optional mask viewed as [A, B, L, N] (bool, or float32 additive) with
 strides 0 where it broadcasts, and ``is_causal`` over (L, N). :func:`softmax`
 brings any call (any dim, any rank, any broadcast mask) to that form without
 copying the input when it is already contiguous along ``dim``.
-
-Native kernels (cpu, cuda) are the C++ schemas ``llmfast::softmax_fwd/_bwd``; the
-Triton kernels are registered here as ``llmfast::softmax_fwd_triton/_bwd_triton``
-with ``torch.library.custom_op`` rather than ``triton_op``: ``custom_op`` passes
-opcheck and ``torch.compile(fullgraph=True)`` under the Triton interpreter (where
-``triton_op``'s fake-tensor tracing reads data pointers and fails), so the same
-tests hold on CPU and GPU; Inductor treats the kernel as opaque, which costs
-nothing for a single fused kernel.
 """
 from __future__ import annotations
 
@@ -24,16 +16,7 @@ from torch import Tensor
 
 from llmfast import backends, reference
 from llmfast.backends import OpSpec
-from llmfast.ops._library import create_graph, has_native, native
-
-_F32_F16_BF16 = (torch.float32, torch.float16, torch.bfloat16)
-for _name in ("softmax", "log_softmax"):
-    backends.register_op(OpSpec(_name, native="llmfast::softmax_fwd", dtypes=_F32_F16_BF16,
-                                cpu_dtypes=_F32_F16_BF16 + (torch.float64,)))
-
-
-# ----------------------------------------------------------------------------------
-# Registration: fake impls and autograd for the native schemas, custom ops for Triton
+from llmfast.ops._library import create_graph, kernel
 
 
 def _fwd_fake(input, scale, mask, is_causal, log):
@@ -50,38 +33,27 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.log, ctx.masked = scale, log, mask is not None or is_causal
 
 
-def _make_backward(bwd_op):
-    def backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        if create_graph():  # double backward ahead: the same formula in differentiable torch ops
-            return reference.softmax_backward(grad, out, ctx.scale, ctx.log, ctx.masked), None, None, None, None
-        grad_in = bwd_op(grad.to(out.dtype).contiguous(), out, ctx.scale, ctx.log, ctx.masked)
-        return grad_in, None, None, None, None
-    return backward
+def _backward(ctx, bwd, grad):
+    (out,) = ctx.saved_tensors
+    if create_graph():  # double backward ahead: the same formula in differentiable torch ops
+        grad_in = reference.softmax_backward(grad, out, ctx.scale, ctx.log, ctx.masked)
+    else:
+        grad_in = bwd(grad.to(out.dtype).contiguous(), out, ctx.scale, ctx.log, ctx.masked)
+    return grad_in, None, None, None, None
 
 
-if has_native("softmax_fwd"):
-    torch.library.register_fake("llmfast::softmax_fwd")(_fwd_fake)
-    torch.library.register_fake("llmfast::softmax_bwd")(_bwd_fake)
-    torch.library.register_autograd("llmfast::softmax_fwd", _make_backward(native("softmax_bwd")),
-                                    setup_context=_setup_context)
+# grad_input from (grad_out, out); `masked` says positions at -inf / fully masked rows
+# came from a mask and get zero gradient.
+softmax_bwd = kernel("softmax_bwd", "(Tensor grad_out, Tensor out, float scale, bool log, bool masked) -> Tensor",
+                     _bwd_fake, triton="softmax:softmax_bwd")
+# softmax / log_softmax over the last dim of input [A, B, L, N] (contiguous). mask: None,
+# or bool (True = keep) / float32 (additive) viewed as [A, B, L, N] with any strides (0
+# for broadcast dims). is_causal keeps column j <= row l.
+softmax_fwd = kernel("softmax_fwd", "(Tensor input, float scale, Tensor? mask, bool is_causal, bool log) -> Tensor",
+                     _fwd_fake, triton="softmax:softmax_fwd", autograd=(softmax_bwd, _setup_context, _backward))
 
-
-@torch.library.custom_op("llmfast::softmax_fwd_triton", mutates_args=())
-def softmax_fwd_triton(input: Tensor, scale: float, mask: Optional[Tensor], is_causal: bool, log: bool) -> Tensor:
-    from llmfast.kernels.softmax import softmax_fwd
-    return softmax_fwd(input, scale, mask, is_causal, log)
-
-
-@torch.library.custom_op("llmfast::softmax_bwd_triton", mutates_args=())
-def softmax_bwd_triton(grad_out: Tensor, out: Tensor, scale: float, log: bool, masked: bool) -> Tensor:
-    from llmfast.kernels.softmax import softmax_bwd
-    return softmax_bwd(grad_out, out, scale, log, masked)
-
-
-softmax_fwd_triton.register_fake(_fwd_fake)
-softmax_bwd_triton.register_fake(_bwd_fake)
-softmax_fwd_triton.register_autograd(_make_backward(softmax_bwd_triton), setup_context=_setup_context)
+for _name in ("softmax", "log_softmax"):
+    backends.register_op(OpSpec(_name, kernel=softmax_fwd))
 
 
 # ----------------------------------------------------------------------------------
@@ -149,27 +121,5 @@ def softmax(x: Tensor, dim: int, *, scale: Optional[float] = None, mask: Optiona
         xt = xt.unsqueeze(0)
         mask = None if mask is None else mask.unsqueeze(0)
     x4, m4 = _canonical(xt, mask)
-    op = softmax_fwd_triton if which == "triton" else native("softmax_fwd")
-    y = op(x4, 1.0 if scale is None else float(scale), m4, is_causal, log)
+    y = softmax_fwd.on(which, x.device.type)(x4, 1.0 if scale is None else float(scale), m4, is_causal, log)
     return y.reshape(x.movedim(dim, -1).shape).movedim(-1, dim)
-
-
-def checks():
-    """``llmfast check`` cases: (name, make_inputs(device, dtype), fn)."""
-    from llmfast.nn import functional as F
-
-    def rows(device, dtype):
-        return [torch.randn(2, 3, 9, 781, device=device).to(dtype)]
-
-    def masked(device, dtype):
-        x = torch.randn(2, 4, 9, 211, device=device).to(dtype)
-        return [x, torch.rand(2, 1, 9, 211, device=device) > 0.3]
-
-    return [
-        ("softmax", rows, lambda x: F.softmax(x, -1)),
-        ("softmax dim=1", rows, lambda x: F.softmax(x, 1)),
-        ("softmax scale+mask", masked, lambda x, m: F.softmax(x, -1, scale=0.3, mask=m)),
-        ("softmax causal", rows, lambda x: F.softmax(x, -1, is_causal=True)),
-        ("log_softmax", rows, lambda x: F.log_softmax(x, -1)),
-        ("log_softmax scale+mask", masked, lambda x, m: F.log_softmax(x, -1, scale=0.3, mask=m)),
-    ]

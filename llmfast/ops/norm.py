@@ -1,0 +1,160 @@
+"""LayerNorm and RMSNorm (one kernel, ``centered`` or not) with an optional fused residual add.
+
+The kernels see a canonical problem: ``input`` [M, N] (N = prod(normalized_shape),
+unit column stride, any row stride), an optional ``residual`` like it, and optional
+``weight``/``bias`` [N] in the input's dtype or float32. With a residual the kernel
+normalises ``s = input + residual`` (rounded to the input's dtype) and also returns
+``s``: the pre-norm Transformer block's ``h = h + f(h); y = norm(h)`` in one pass.
+
+LayerNorm is the ``centered`` norm: ``(s - mean) * rstd * w + b`` with ``rstd =
+1/sqrt(var + eps)``; RMSNorm is ``s * rstd * w`` with ``rstd = 1/sqrt(mean(s^2) +
+eps)``, no bias and no mean. One kernel per language serves both, the switch a
+compile-time constant.
+
+Backward saves the normalised tensor (input, or ``summed``), weight, mean and rstd; the
+gradient reaching ``summed`` is added to grad_input inside the backward kernel, and
+that sum is also the residual's gradient. Weight/bias gradients come back in the
+accumulation dtype (two-stage deterministic sums) and are cast to the parameters'
+dtypes here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from llmfast import backends, reference
+from llmfast.backends import OpSpec
+from llmfast.ops._library import acc_dtype, create_graph, kernel
+
+
+def _fwd_fake(input, residual, weight, bias, eps, centered):
+    M, N = input.shape
+    st = acc_dtype(input.dtype)
+    return (input.new_empty((M, N)), input.new_empty((M, N) if residual is not None else (0,)),
+            input.new_empty((M if centered else 0,), dtype=st), input.new_empty((M,), dtype=st))
+
+
+def _bwd_fake(grad_out, grad_summed, x, weight, mean, rstd, centered, weight_grad, bias_grad):
+    M, N = x.shape
+    st = acc_dtype(x.dtype)
+    return (x.new_empty((M, N)), x.new_empty((N if weight_grad else 0,), dtype=st),
+            x.new_empty((N if bias_grad else 0,), dtype=st))
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, centered = inputs
+    _, summed, mean, rstd = output
+    ctx.eps, ctx.centered = eps, centered
+    ctx.has_res = residual is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.save_for_backward(summed if ctx.has_res else x, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _grad_rows(g, like: Tensor):
+    """An incoming gradient ([M, N]) in the layout the kernels take; zeros when autograd passes None."""
+    if g is None:
+        return torch.zeros_like(like)
+    return g if (g.shape[1] <= 1 or g.stride(1) == 1) else g.contiguous()
+
+
+def _backward(ctx, bwd, grad_out, grad_summed, _grad_mean, _grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    need_x, need_r, need_w, need_b, _, _ = ctx.needs_input_grad
+    need_w = need_w and weight is not None
+    need_b = need_b and ctx.bias_dtype is not None
+    g = _grad_rows(grad_out, x)
+    if create_graph():  # double backward ahead: the reference formula, differentiable
+        dx, dw = reference.norm_backward(g, x, weight, ctx.eps, ctx.centered)
+        if ctx.has_res and grad_summed is not None:
+            dx = dx + grad_summed
+        db = g.sum(0) if need_b else None
+    else:
+        ds = _grad_rows(grad_summed, x) if (ctx.has_res and grad_summed is not None) else None
+        dx, dw, db = bwd(g, ds, x, weight, mean, rstd, ctx.centered, need_w, need_b)
+    return (dx if need_x else None, dx if (ctx.has_res and need_r) else None,
+            dw.to(weight.dtype) if need_w else None, db.to(ctx.bias_dtype) if need_b else None, None, None)
+
+
+# x: the tensor the forward normalised (input, or summed). grad_summed: the gradient
+# reaching `summed`, added to grad_input (it is also the residual's gradient). Returns
+# (grad_input [M, N] in x's dtype, grad_weight [N], grad_bias [N]); the last two in the
+# accumulation dtype, summed over rows deterministically (per-block partial sums, then
+# one ordered sum), and empty unless weight_grad / bias_grad.
+norm_bwd = kernel(
+    "norm_bwd", "(Tensor grad_out, Tensor? grad_summed, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, "
+    "bool centered, bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor)", _bwd_fake,
+    triton="norm:norm_bwd")
+# input: [M, N], unit column stride, any row stride. residual: None or [M, N] of input's
+# dtype; with it the kernels normalise s = input + residual rounded to input's dtype (so
+# the output is exactly the norm of the returned s) and return s as `summed`, else an
+# empty tensor. weight/bias: None or [N], input's dtype or float32 (bias only when
+# centered). mean ([M], empty unless centered) and rstd ([M]) in the accumulation dtype.
+norm_fwd = kernel(
+    "norm_fwd", "(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool centered) "
+    "-> (Tensor out, Tensor summed, Tensor mean, Tensor rstd)", _fwd_fake, triton="norm:norm_fwd",
+    autograd=(norm_bwd, _setup_context, _backward))
+
+for _name in ("layer_norm", "rms_norm"):
+    backends.register_op(OpSpec(_name, kernel=norm_fwd))
+
+
+def _rows(t: Tensor, N: int) -> Tensor:
+    """``t`` as [M, N] with unit column stride: a view when the layout allows, else a copy.
+
+    The kernels take any row stride, so a slice like ``x[..., :N]`` of a wider tensor
+    is read in place.
+    """
+    t2 = t.reshape(-1, N)
+    if N > 1 and t2.stride(1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def _norm(op, x, normalized_shape, weight, bias, eps, residual, centered):
+    which = backends.resolve(op, x)
+    if which == "torch" or x.numel() == 0:
+        if centered:
+            return reference.layer_norm(x, normalized_shape, weight, bias, eps, residual=residual)
+        return reference.rms_norm(x, normalized_shape, weight, eps, residual=residual)
+    N = math.prod(normalized_shape)
+    r2 = _rows(residual, N) if residual is not None else None
+    w = weight.reshape(N) if weight is not None else None
+    b = bias.reshape(N) if bias is not None else None
+    y, s, _, _ = norm_fwd.on(which, x.device.type)(_rows(x, N), r2, w, b, float(eps), centered)
+    y = y.view(x.shape)
+    return y if residual is None else (y, s.view(x.shape))
+
+
+def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5, residual: Optional[Tensor] = None):
+    """LayerNorm over the trailing ``normalized_shape`` dims of ``x`` (+ ``residual`` first).
+
+    Returns the output, or ``(output, x + residual)`` with a residual. Arguments are
+    assumed checked (``llmfast.nn.functional`` does that).
+    """
+    return _norm("layer_norm", x, normalized_shape, weight, bias, eps, residual, True)
+
+
+def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: Optional[float] = None,
+             residual: Optional[Tensor] = None):
+    """RMSNorm over the trailing ``normalized_shape`` dims of ``x`` (+ ``residual`` first).
+
+    Returns the output, or ``(output, x + residual)`` with a residual. Arguments are
+    assumed checked (``llmfast.nn.functional`` does that). ``eps=None`` is torch's
+    default, the epsilon of the math dtype (float32's for fp16/bf16 inputs); a weight
+    in another dtype than ``x`` is read as float32 for fp16/bf16 inputs (the cast is
+    differentiable, so its gradient arrives in the weight's own dtype).
+    """
+    if x.is_complex():
+        return reference.rms_norm(x, normalized_shape, weight, eps, residual=residual)
+    math_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    if eps is None:
+        # not finfo(bfloat16).eps = 2^-7, which would swamp the mean square of small rows
+        eps = torch.finfo(math_dtype).eps
+    if weight is not None and weight.dtype not in (x.dtype, math_dtype):
+        weight = weight.to(math_dtype)
+    return _norm("rms_norm", x, normalized_shape, weight, None, eps, residual, False)
