@@ -4,12 +4,12 @@ FLOPs (the standard count): forward ``4·B·H·L·S·D`` (two GEMMs of 2·L·S·
 halved for causal; backward 2.5× forward, so forward+backward is 3.5× forward.
 
 Providers: ``torch`` is ``torch.nn.functional.scaled_dot_product_attention`` (torch's
-own fused kernels), ``torch_eager_math`` is ``softmax(q@kᵀ·scale)@v`` as users write
-it (it materialises the [B, H, L, S] scores), ``torch_compile`` is that expression
-under ``torch.compile``, and ``llmfast:<backend>`` runs
-``llmfast.nn.functional.scaled_dot_product_attention``. Peak memory is measured for
-every provider (``MEMORY``): the fused kernels need O(L) extra memory, the eager
-expression O(L·S).
+own fused kernels), ``eager`` is ``softmax(q@kᵀ·scale)@v`` as users write it (it
+materialises the [B, H, L, S] scores; ``llmfast bench --vs eager`` compares with it),
+``torch_compile`` is that expression under ``torch.compile``, and
+``llmfast:<backend>`` runs ``llmfast.nn.functional.scaled_dot_product_attention``.
+Peak memory is measured for every provider (``MEMORY``): the fused kernels need O(L)
+extra memory, the eager expression O(L·S).
 """
 import torch
 import torch.nn.functional as tF
@@ -55,7 +55,7 @@ def cases(quick, device, dtypes):
 
 
 def providers(case, device):
-    return ["torch_eager_math", "torch_compile"]
+    return ["eager", "torch_compile"]
 
 
 def work(case):
@@ -112,7 +112,7 @@ def setup(provider, case, device):
     if provider == "torch":
         return _wrap(lambda q, k, v: tF.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa),
                      case, device)
-    if provider == "torch_eager_math":
+    if provider == "eager":
         return _wrap(lambda q, k, v: _eager_math(q, k, v, causal), case, device)
     if provider == "torch_compile":
         compiled = torch.compile(lambda q, k, v: _eager_math(q, k, v, causal), dynamic=False)
@@ -144,3 +144,44 @@ def reference(case, device):
                 out[b, h] = gq[0, 0]
     return out
 
+
+# ----------------------------------------------------------------------------------
+# llmfast check
+
+
+def checks():
+    """``llmfast check`` cases: (name, make_inputs(device, dtype), fn)."""
+    from llmfast.nn import functional as F
+
+    def qkv(B, H, Hkv, L, S, D, Dv=None):
+        def make(device, dtype):
+            return [torch.randn(B, H, L, D, device=device).to(dtype),
+                    torch.randn(B, Hkv, S, D, device=device).to(dtype),
+                    torch.randn(B, Hkv, S, Dv or D, device=device).to(dtype)]
+        return make
+
+    def masked(device, dtype):
+        q, k, v = qkv(2, 4, 4, 37, 53, 64)(device, dtype)
+        m = torch.rand(2, 1, 37, 53, device=device) > 0.3
+        m[:, :, 5] = False  # a row that sees no key
+        return [q, k, v, m]
+
+    def packed(device, dtype):
+        x = torch.randn(2, 45, 3, 4, 40, device=device).to(dtype)
+        return [x]
+
+    def flash_packed(x):  # q, k, v as strided views of one [B, L, 3, H, D] tensor
+        q, k, v = x.unbind(2)
+        return F.flash_attention(q, k, v, causal=True)
+
+    return [
+        ("attention", qkv(2, 4, 4, 67, 93, 64), lambda q, k, v: F.scaled_dot_product_attention(q, k, v)),
+        ("attention causal", qkv(1, 4, 4, 130, 130, 64),
+         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+        ("attention gqa 8:2 d=80", qkv(1, 8, 2, 33, 71, 80),
+         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
+        ("attention mask", masked, lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)),
+        ("attention packed qkv", packed, flash_packed),
+        ("attention d=256 L=1", qkv(2, 2, 2, 1, 129, 256),
+         lambda q, k, v: F.scaled_dot_product_attention(q, k, v)),
+    ]

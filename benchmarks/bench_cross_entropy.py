@@ -88,3 +88,35 @@ def setup(provider, case, device):
 
 def reference(case, device):
     return _wrap(_torch_fn(case), case, device, dtype=torch.float64)()
+
+
+# ----------------------------------------------------------------------------------
+# llmfast check
+
+
+def checks():
+    """``llmfast check`` cases: (name, make_inputs(device, dtype), fn)."""
+    from llmfast.nn import functional as F
+
+    def rows(C, N=13):
+        def make(device, dtype):
+            x = (torch.randn(N, C, device=device) * 2).to(dtype)
+            t = torch.randint(0, C, (N,), device=device)
+            t[::4] = -100
+            return [x, t]
+        return make
+
+    def spatial(device, dtype):  # [N, C, d] with class dim 1
+        return [torch.randn(3, 37, 5, device=device).to(dtype), torch.randint(0, 37, (3, 5), device=device)]
+
+    def weighted(x, t):
+        w = torch.linspace(0.5, 2.0, x.shape[-1], device=x.device)
+        return F.cross_entropy(x, t, weight=w, label_smoothing=0.1)
+
+    return [
+        ("cross_entropy mean", rows(1000), lambda x, t: F.cross_entropy(x, t)),
+        ("cross_entropy sum V=32001", rows(32001, 3), lambda x, t: F.cross_entropy(x, t, reduction="sum")),
+        ("cross_entropy none", rows(2), lambda x, t: F.cross_entropy(x, t, reduction="none")),
+        ("cross_entropy weight+smooth", rows(1000), weighted),
+        ("cross_entropy [N,C,d]", spatial, lambda x, t: F.cross_entropy(x, t, label_smoothing=0.05)),
+    ]

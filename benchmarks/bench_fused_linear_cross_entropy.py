@@ -92,3 +92,33 @@ def setup(provider, case, device):
 
 def reference(case, device):
     return _wrap(_torch_fn, case, device, dtype=torch.float64)()
+
+
+# ----------------------------------------------------------------------------------
+# llmfast check
+
+
+def checks():
+    """``llmfast check`` cases: (name, make_inputs(device, dtype), fn)."""
+    from llmfast.nn import functional as F
+
+    def make(N, H, V, bias=True):
+        def inputs(device, dtype):
+            h = torch.randn(N, H, device=device).to(dtype)
+            w = (torch.randn(V, H, device=device) / math.sqrt(H)).to(dtype)
+            t = torch.randint(0, V, (N,), device=device)
+            t[::5] = -100
+            out = [h, w, t]
+            if bias:
+                out.append((torch.randn(V, device=device) * 0.1).to(dtype))
+            return out
+        return inputs
+
+    return [
+        ("fused_linear_cross_entropy mean", make(37, 64, 1000),
+         lambda h, w, t, b: F.fused_linear_cross_entropy(h, w, t, b, chunk_size=16)),
+        ("fused_linear_cross_entropy sum+smooth", make(29, 32, 517, bias=False),
+         lambda h, w, t: F.fused_linear_cross_entropy(h, w, t, reduction="sum", label_smoothing=0.1, chunk_size=8)),
+        ("fused_linear_cross_entropy none", make(21, 32, 300),
+         lambda h, w, t, b: F.fused_linear_cross_entropy(h, w, t, b, reduction="none", chunk_size=8)),
+    ]

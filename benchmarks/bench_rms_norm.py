@@ -16,3 +16,32 @@ cases, providers, work, setup, reference = NormBench(
     llmfast_norm=lambda x, w, b, residual=None: LF.rms_norm(x, (x.shape[-1],), w, 1e-6, residual=residual),
     params=("w",),
 ).module_api()
+
+
+# ----------------------------------------------------------------------------------
+# llmfast check
+
+
+def checks():
+    """``llmfast check`` cases: (name, make_inputs(device, dtype), fn)."""
+    from llmfast.nn import functional as F
+
+    def weighted(n, wdtype=None):
+        def make(device, dtype):
+            return [torch.randn(3, 7, n, device=device).to(dtype), torch.randn(n, device=device).to(wdtype or dtype)]
+        return make
+
+    def with_residual(device, dtype):
+        return [torch.randn(4, 9, 1000, device=device).to(dtype), torch.randn(4, 9, 1000, device=device).to(dtype),
+                torch.randn(1000, device=device).to(dtype)]
+
+    def plain(device, dtype):
+        return [torch.randn(5, 6, 16, 24, device=device).to(dtype)]
+
+    return [
+        ("rms_norm", weighted(781), lambda x, w: F.rms_norm(x, (x.shape[-1],), w, 1e-6)),
+        ("rms_norm fp32 weight", weighted(512, torch.float32), lambda x, w: F.rms_norm(x, (x.shape[-1],), w, 1e-6)),
+        ("rms_norm residual", with_residual, lambda x, r, w: F.rms_norm(x, (1000,), w, 1e-6, residual=r)),
+        ("rms_norm 2-D shape", plain, lambda x: F.rms_norm(x, (16, 24), eps=1e-6)),
+        ("rms_norm long row", weighted(10000), lambda x, w: F.rms_norm(x, (x.shape[-1],), w, 1e-6)),
+    ]

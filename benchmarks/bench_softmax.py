@@ -3,6 +3,13 @@
 Bytes (the minimum traffic): forward reads x and writes y, ``2*M*N*s`` (s = bytes
 per element), plus the mask once (its broadcast dims count once); forward+backward
 adds reading dy and y and writing dx, ``3*M*N*s`` more.
+
+Providers: ``torch`` is ``torch.softmax`` / ``torch.log_softmax``, and for the fused
+scale_mask_softmax the eager sequence users write, ``x*scale`` then ``masked_fill``
+then softmax: torch has no single op for it, so that sequence is both the torch and the
+``eager`` baseline (``llmfast bench --vs eager`` divides by it); ``torch_compile`` is
+the same under ``torch.compile``. This file also holds the ``llmfast check`` cases of
+softmax and log_softmax.
 """
 import torch
 
@@ -112,3 +119,28 @@ def setup(provider, case, device):
 def reference(case, device):
     fn = _wrap(_torch_fn(case["kind"], unfused=True), case, device, dtype=torch.float64)
     return fn()
+
+
+# ----------------------------------------------------------------------------------
+# llmfast check
+
+
+def checks():
+    """``llmfast check`` cases: (name, make_inputs(device, dtype), fn)."""
+    from llmfast.nn import functional as F
+
+    def rows(device, dtype):
+        return [torch.randn(2, 3, 9, 781, device=device).to(dtype)]
+
+    def masked(device, dtype):
+        x = torch.randn(2, 4, 9, 211, device=device).to(dtype)
+        return [x, torch.rand(2, 1, 9, 211, device=device) > 0.3]
+
+    return [
+        ("softmax", rows, lambda x: F.softmax(x, -1)),
+        ("softmax dim=1", rows, lambda x: F.softmax(x, 1)),
+        ("softmax scale+mask", masked, lambda x, m: F.softmax(x, -1, scale=0.3, mask=m)),
+        ("softmax causal", rows, lambda x: F.softmax(x, -1, is_causal=True)),
+        ("log_softmax", rows, lambda x: F.log_softmax(x, -1)),
+        ("log_softmax scale+mask", masked, lambda x, m: F.log_softmax(x, -1, scale=0.3, mask=m)),
+    ]
