@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from llmfast.bench import bench_modules, llmfast_providers
+from llmfast.bench import bench_modules, case_providers
 
 DEVICE = os.environ.get("LLMFAST_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -17,8 +17,7 @@ def _params():
     out = []
     for op, mod in sorted(bench_modules().items()):
         for case in mod.cases(True, DEVICE, [torch.float32]):
-            provs = ["torch"] + list(mod.providers(case, DEVICE)) + llmfast_providers(op, DEVICE, case["dtype"])
-            for prov in provs:
+            for prov in case_providers(mod, case, DEVICE):
                 if prov == "torch_compile":
                     continue  # compile time dwarfs the kernels here; `llmfast bench` times it
                 out.append(pytest.param(mod, case, prov, id=f"{op}-{case['name']}-{prov}".replace(" ", "_")))

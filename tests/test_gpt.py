@@ -6,7 +6,7 @@ import torch
 
 import llmfast
 from llmfast.models import GPT, GPTConfig
-from llmfast.train import ByteData, _make_optimizer, _train_step, evaluate
+from llmfast.train import ByteData, evaluate, make_optimizer, train_step
 
 # The ops a GPT step runs; a backend takes part in the convergence test when it runs all of them.
 GPT_OPS = ("layer_norm", "rms_norm", "attention", "fused_linear_cross_entropy", "softmax")
@@ -99,11 +99,11 @@ def _train_curve(backend, steps=50, **cfg):
              momentum=0.9, grad_clip=1.0, eval_batches=2)
     torch.manual_seed(0)
     model = GPT(tiny(n_embd=16, n_layer=1, **cfg))
-    opt = _make_optimizer(model, h)
+    opt = make_optimizer(model, h)
     losses = []
     with llmfast.backend(backend):
         for step in range(steps):
-            losses.append(_train_step(model, opt, data, step, h, "cpu", None).item())
+            losses.append(train_step(model, opt, data, step, h, "cpu", None).item())
         val = evaluate(model, data, h, "cpu", None)
     return torch.tensor(losses), math.exp(val)
 

@@ -32,7 +32,7 @@ def _train(corpus, out, *extra):
 
 
 def test_train_resume_generate(corpus, tmp_path, capsys, monkeypatch):
-    import llmfast.train as T
+    from llmfast.train import loop
 
     # one run of 12 steps ...
     assert _train(corpus, tmp_path / "full", "--steps", "12", "--eval-interval", "4") == 0
@@ -42,17 +42,17 @@ def test_train_resume_generate(corpus, tmp_path, capsys, monkeypatch):
     assert [c["step"] for c in full] == [0, 4, 8, 12]
     assert full[-1]["val_ppl"] < full[0]["val_ppl"] * 0.7   # clearly learning
     # ... and the same run interrupted (Ctrl-C) during step 10, then resumed, gives the same curve
-    real_step = T._train_step
+    real_step = loop.train_step
 
     def interrupted(model, opt, data, step, *a):
         if step == 9:
             raise KeyboardInterrupt
         return real_step(model, opt, data, step, *a)
 
-    monkeypatch.setattr(T, "_train_step", interrupted)
+    monkeypatch.setattr(loop, "train_step", interrupted)
     assert _train(corpus, tmp_path / "part", "--steps", "12", "--eval-interval", "4") == 130
     assert "interrupted" in capsys.readouterr().err
-    monkeypatch.setattr(T, "_train_step", real_step)
+    monkeypatch.setattr(loop, "train_step", real_step)
     assert load_checkpoint(tmp_path / "part")["step"] == 8
     assert main(["train", "--out-dir", str(tmp_path / "part"), "--resume", "--quiet"]) == 0
     part = load_checkpoint(tmp_path / "part")["curve"]
@@ -78,6 +78,16 @@ def test_compare_backends(corpus, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tokens/s" in out and "peak MB" in out
     assert any(line.startswith("cpu") for line in out.splitlines())
+
+
+def test_progress_off_a_terminal_is_plain_lines(corpus, tmp_path, capsys):
+    argv = ["train", "--data", str(corpus), "--out-dir", str(tmp_path / "r"), *TINY, "--steps", "20"]
+    argv.remove("--quiet")
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err   # a tqdm bar would redraw itself with carriage returns
+    lines = err.splitlines()
+    assert len(lines) == 10 and lines[0].startswith("train: 2/20 steps (loss ") and "tok/s" in lines[0]
 
 
 def test_default_corpus_is_the_stdlib():
