@@ -11,6 +11,7 @@
 
 #include <initializer_list>
 #include <optional>
+#include <utility>
 
 namespace llmfast {
 
@@ -88,6 +89,61 @@ inline Tensor acc_param(const char* op, const char* arg, const std::optional<Ten
               ") or float32");
   check_device(op, arg, t, x);
   return t.to(acc_scalar_type(x.scalar_type())).contiguous();
+}
+
+// norm_fwd's arguments (llmfast/ops/norm.py): input [M, N] rows; residual None or like input;
+// weight, bias None or per-column parameters, bias only when centered (LayerNorm). Returns
+// (weight, bias) as acc_param does.
+inline std::pair<Tensor, Tensor> check_norm_fwd(const char* op, const Tensor& input,
+                                                const std::optional<Tensor>& residual,
+                                                const std::optional<Tensor>& weight,
+                                                const std::optional<Tensor>& bias, bool centered) {
+  check_rows(op, "input", input);
+  if (defined(residual)) check_rows_like(op, "residual", *residual, input);
+  TORCH_CHECK(centered || !defined(bias), op, ": bias is a LayerNorm parameter (centered=True)");
+  return {acc_param(op, "weight", weight, input), acc_param(op, "bias", bias, input)};
+}
+
+// norm_bwd's: x [M, N] rows; grad_out like x; grad_summed None, empty or like x; mean [M]
+// (centered) and rstd [M] in the accumulation dtype; bias_grad only when centered. Returns the
+// weight as acc_param does.
+inline Tensor check_norm_bwd(const char* op, const Tensor& grad_out, const std::optional<Tensor>& grad_summed,
+                             const Tensor& x, const std::optional<Tensor>& weight, const Tensor& mean,
+                             const Tensor& rstd, bool centered, bool bias_grad) {
+  check_rows(op, "x", x);
+  check_rows_like(op, "grad_out", grad_out, x);
+  if (defined(grad_summed) && grad_summed->numel() > 0) check_rows_like(op, "grad_summed", *grad_summed, x);
+  TORCH_CHECK(centered || !bias_grad, op, ": bias_grad needs centered=True (RMSNorm has no bias)");
+  const at::ScalarType acc = acc_scalar_type(x.scalar_type());
+  if (centered) check_vector(op, "mean", mean, x.size(0), acc, x);
+  check_vector(op, "rstd", rstd, x.size(0), acc, x);
+  return acc_param(op, "weight", weight, x);
+}
+
+// Cross-entropy's canonical arguments (llmfast/ops/cross_entropy.py): logits [N, C] contiguous in a
+// float dtype; target [N] int64 (any stride); weight None or [C] contiguous in the accumulation
+// dtype; label_smoothing in [0, 1].
+inline void check_cross_entropy(const char* op, const Tensor& logits, const Tensor& target,
+                                const std::optional<Tensor>& weight, double label_smoothing) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), op, ": logits must be a contiguous [N, C] tensor, got ",
+              "shape ", logits.sizes(), " strides ", logits.strides());
+  check_float(op, "logits", logits);
+  check_vector(op, "target", target, logits.size(0), at::kLong, logits);
+  if (defined(weight)) {
+    check_vector(op, "weight", *weight, logits.size(1), acc_scalar_type(logits.scalar_type()), logits);
+    TORCH_CHECK(weight->is_contiguous(), op, ": weight must be contiguous");
+  }
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
+              label_smoothing);
+}
+
+// The backward's grad_loss [N] and lse [N, 2] (hi, lo), both in the accumulation dtype.
+inline void check_cross_entropy_bwd(const char* op, const Tensor& grad_loss, const Tensor& lse, const Tensor& logits) {
+  const at::ScalarType acc = acc_scalar_type(logits.scalar_type());
+  check_vector(op, "grad_loss", grad_loss, logits.size(0), acc, logits);
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == logits.size(0) && lse.size(1) == 2 && lse.scalar_type() == acc, op,
+              ": lse must be a [", logits.size(0), ", 2] ", acc, " tensor, got ", lse.scalar_type(), " ", lse.sizes());
+  check_device(op, "lse", lse, logits);
 }
 
 }  // namespace llmfast

@@ -38,24 +38,15 @@
 // Shared-memory rows are padded by one 16-byte chunk: with a row pitch of 16 B mod 128 B the 8
 // row addresses of one ldmatrix (and the 8 rows a SIMT quad-group reads) fall in distinct banks.
 //
-// The kernel half of this file also compiles on its own (LLMFAST_ATTENTION_STANDALONE): the
-// scratch program csrc/dev/attention_dev.cu includes it to validate and time the kernels on a GPU,
-// or, built with g++ -DLLMFAST_EMU, to run them through a warp-level emulator on the CPU.
-
-#ifdef LLMFAST_EMU
-#include "dev/cuda_emu.h"
-#else
-#include <cuda_runtime.h>
-#endif
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+// The scratch program csrc/dev/attention_dev.cu validates the kernels against a float64 CPU
+// reference and times them on a GPU. Under the warp emulator (csrc/dev/cuda_emu.h) ldmatrix,
+// mma.sync and cp.async come from its PTX-table models; everything else is the same code.
 #include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <type_traits>
 
-namespace llmfast::attn {
+#include "cuda/common.cuh"
+
+namespace llmfast::cuda {
+namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -134,23 +125,8 @@ __host__ __device__ __forceinline__ uint32_t dropout_bits(const DropKey& r, uint
 }
 
 // ------------------------------------------------------------------------------------------
-// Element types: fp32 <-> T conversions and packing two values into one mma operand register.
+// Packing two values into one mma operand register.
 // ------------------------------------------------------------------------------------------
-__host__ __device__ __forceinline__ float to_float(float x) { return x; }
-__host__ __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__host__ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__host__ __device__ __forceinline__ T from_float(float x);
-template <>
-__host__ __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__host__ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
 // (lo, hi) -> one .b32 register holding two 16-bit values, lo in the low half (the element with
 // the smaller column index, as mma fragments expect).
 template <typename T>
@@ -173,16 +149,20 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
 __host__ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
 // ------------------------------------------------------------------------------------------
-// Warp-level primitives (PTX). The emulator (csrc/dev/cuda_emu.h) provides the same functions
-// for the CPU, with the semantics of the PTX ISA's fragment layouts.
+// Tensor-core and async-copy instructions (PTX). The emulator models them from the PTX ISA's
+// fragment tables.
 // ------------------------------------------------------------------------------------------
-#ifndef LLMFAST_EMU
+#ifdef LLMFAST_EMU
+using ::emu::ptx::cp_async_16;
+using ::emu::ptx::cp_async_commit;
+using ::emu::ptx::cp_async_wait;
+using ::emu::ptx::ldmatrix_x4;
+using ::emu::ptx::ldmatrix_x4_trans;
+using ::emu::ptx::mma_16816;
+#else
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
-__device__ __forceinline__ void sync_cta() { __syncthreads(); }
-__device__ __forceinline__ void sync_warp() { __syncwarp(); }
-__device__ __forceinline__ float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 
 // Four 8x8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m; register m of lane l
 // receives row l/4, columns 2(l%4), 2(l%4)+1 of matrix m (of its transpose with .trans).
@@ -233,8 +213,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
-#define LLMFAST_DYN_SMEM(name) extern __shared__ __align__(16) char name[]
-#endif  // !LLMFAST_EMU
+#endif  // LLMFAST_EMU
 
 // ------------------------------------------------------------------------------------------
 // Global -> shared tile copy: ROWS x HD elements into a [ROWS][ld_s] tile. Rows >= rows_valid
@@ -277,6 +256,30 @@ __device__ __forceinline__ void load_tile(T* s, int ld_s, const T* g, int64_t ld
 // Only k < k_valid (rounded up to 16 on tensor cores) and n-blocks starting below n_valid are
 // computed; the bounds are warp-uniform so every lane runs the same ldmatrix/mma sequence.
 // ------------------------------------------------------------------------------------------
+// Tensor cores, one 16-wide k-step ks: acc[n-block] += a * B[ks*16.., n-block] for the n-block
+// pairs starting below n_valid. `a` is the warp's A fragment of that k-step; B as in warp_gemm_ss.
+template <typename T, int NB, bool B_KN>
+__device__ __forceinline__ void mma_k_step(float (&acc)[NB][4], const uint32_t (&a)[4], const T* sB, int ldb, int ks,
+                                           int n_valid) {
+  static_assert(NB % 2 == 0, "tensor-core warp tiles are 16 columns wide");
+  const int lane = threadIdx.x & 31, mi = lane >> 3;  // mi: the 8x8 matrix this lane addresses in an ldmatrix.x4
+#pragma unroll
+  for (int nb2 = 0; nb2 < NB / 2; ++nb2) {
+    if (nb2 * 16 < n_valid) {
+      uint32_t b[4];
+      if constexpr (B_KN) {
+        // matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15), transposed
+        ldmatrix_x4_trans(b, sB + (ks * 16 + (mi & 1) * 8 + (lane & 7)) * ldb + nb2 * 16 + (mi >> 1) * 8);
+      } else {
+        // matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+        ldmatrix_x4(b, sB + (nb2 * 16 + (mi >> 1) * 8 + (lane & 7)) * ldb + ks * 16 + (mi & 1) * 8);
+      }
+      mma_16816<T>(acc[2 * nb2], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * nb2 + 1], a, b[2], b[3]);
+    }
+  }
+}
+
 template <typename T, int NB, int KMAX, bool B_KN>
 __device__ __forceinline__ void warp_gemm_ss(float (&acc)[NB][4], const T* sA, int lda, const T* sB, int ldb,
                                              int k_valid, int n_valid) {
@@ -309,29 +312,13 @@ __device__ __forceinline__ void warp_gemm_ss(float (&acc)[NB][4], const T* sA, i
       }
     }
   } else {
-    static_assert(NB % 2 == 0, "tensor-core warp tiles are 16 columns wide");
-    const int mi = lane >> 3;  // which 8x8 matrix this lane addresses in an ldmatrix.x4
 #pragma unroll
     for (int ks = 0; ks < KMAX / 16; ++ks) {
       if (ks * 16 < k_valid) {
         uint32_t a[4];
         // matrices 0..3 = (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15)
         ldmatrix_x4(a, sA + (lane & 15) * lda + ks * 16 + (lane >> 4) * 8);
-#pragma unroll
-        for (int nb2 = 0; nb2 < NB / 2; ++nb2) {
-          if (nb2 * 16 < n_valid) {
-            uint32_t b[4];
-            if constexpr (B_KN) {
-              // matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15), transposed
-              ldmatrix_x4_trans(b, sB + (ks * 16 + (mi & 1) * 8 + (lane & 7)) * ldb + nb2 * 16 + (mi >> 1) * 8);
-            } else {
-              // matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
-              ldmatrix_x4(b, sB + (nb2 * 16 + (mi >> 1) * 8 + (lane & 7)) * ldb + ks * 16 + (mi & 1) * 8);
-            }
-            mma_16816<T>(acc[2 * nb2], a, b[0], b[1]);
-            mma_16816<T>(acc[2 * nb2 + 1], a, b[2], b[3]);
-          }
-        }
+        mma_k_step<T, NB, B_KN>(acc, a, sB, ldb, ks, n_valid);
       }
     }
   }
@@ -348,7 +335,7 @@ __device__ __forceinline__ void warp_gemm_rs(float (&acc)[NB][4], const float (&
   if constexpr (std::is_same_v<T, float>) {
     constexpr int LDA = 16 * KB + 4;
     const int g = lane >> 2, t = lane & 3;
-    sync_warp();  // every lane is done reading the previous contents
+    __syncwarp();  // every lane is done reading the previous contents
 #pragma unroll
     for (int nb = 0; nb < 2 * KB; ++nb) {
       scratch[g * LDA + nb * 8 + 2 * t] = pa[nb][0];
@@ -356,10 +343,9 @@ __device__ __forceinline__ void warp_gemm_rs(float (&acc)[NB][4], const float (&
       scratch[(g + 8) * LDA + nb * 8 + 2 * t] = pa[nb][2];
       scratch[(g + 8) * LDA + nb * 8 + 2 * t + 1] = pa[nb][3];
     }
-    sync_warp();
+    __syncwarp();
     warp_gemm_ss<float, NB, 16 * KB, B_KN>(acc, scratch, LDA, sB, ldb, k_valid, n_valid);
   } else {
-    const int mi = lane >> 3;
 #pragma unroll
     for (int kb = 0; kb < KB; ++kb) {
       if (kb * 16 < k_valid) {
@@ -368,19 +354,7 @@ __device__ __forceinline__ void warp_gemm_rs(float (&acc)[NB][4], const float (&
         a[1] = pack2<T>(pa[2 * kb][2], pa[2 * kb][3]);
         a[2] = pack2<T>(pa[2 * kb + 1][0], pa[2 * kb + 1][1]);
         a[3] = pack2<T>(pa[2 * kb + 1][2], pa[2 * kb + 1][3]);
-#pragma unroll
-        for (int nb2 = 0; nb2 < NB / 2; ++nb2) {
-          if (nb2 * 16 < n_valid) {
-            uint32_t b[4];
-            if constexpr (B_KN) {
-              ldmatrix_x4_trans(b, sB + (kb * 16 + (mi & 1) * 8 + (lane & 7)) * ldb + nb2 * 16 + (mi >> 1) * 8);
-            } else {
-              ldmatrix_x4(b, sB + (nb2 * 16 + (mi >> 1) * 8 + (lane & 7)) * ldb + kb * 16 + (mi & 1) * 8);
-            }
-            mma_16816<T>(acc[2 * nb2], a, b[0], b[1]);
-            mma_16816<T>(acc[2 * nb2 + 1], a, b[2], b[3]);
-          }
-        }
+        mma_k_step<T, NB, B_KN>(acc, a, sB, ldb, kb, n_valid);
       }
     }
   }
@@ -507,13 +481,13 @@ __global__ void __launch_bounds__(FwdCfg<T, HD>::NT) _attention_fwd_kernel(const
     load_tile<T, BN, HD, NT>(sV, LD, v + static_cast<int64_t>(n0) * p.v_ss, p.v_ss, rows_kv, p.Dv, aligned);
     cp_async_commit();
     cp_async_wait<1>();  // this thread's Q and K(n) copies have landed ...
-    sync_cta();          // ... and everyone's are visible
+    __syncthreads();          // ... and everyone's are visible
 
     float acc_s[BN / 8][4];
 #pragma unroll
     for (int nb = 0; nb < BN / 8; ++nb) acc_s[nb][0] = acc_s[nb][1] = acc_s[nb][2] = acc_s[nb][3] = 0.f;
     warp_gemm_ss<T, BN / 8, HD, false>(acc_s, sQ + warp * 16 * LD, LD, sK, LD, p.D, rows_kv);
-    sync_cta();  // every warp is done with sK: prefetch the next key tile into it
+    __syncthreads();  // every warp is done with sK: prefetch the next key tile into it
     if (nt + 1 < n_tiles)
       load_tile<T, BN, HD, NT>(sK, LD, k + static_cast<int64_t>(n0 + BN) * p.k_ss, p.k_ss,
                                imin(BN, p.S - n0 - BN), p.D, aligned);
@@ -566,9 +540,9 @@ __global__ void __launch_bounds__(FwdCfg<T, HD>::NT) _attention_fwd_kernel(const
     }
 
     cp_async_wait<1>();  // V(n) has landed (only K(n+1) may still be in flight)
-    sync_cta();
+    __syncthreads();
     warp_gemm_rs<T, HD / 8, BN / 16, true>(acc_o, acc_s, sV, LD, rows_kv, p.Dv, scratch + warp * 16 * C::LDP);
-    sync_cta();  // every warp is done with sV before the next tile's copy into it
+    __syncthreads();  // every warp is done with sV before the next tile's copy into it
   }
   cp_async_wait<0>();
 
@@ -612,8 +586,7 @@ __global__ void __launch_bounds__(128) _attention_bwd_delta_kernel(const AttnPar
   const T* o = static_cast<const T*>(p.out) + b * p.o_sb + h * p.o_sh + static_cast<int64_t>(i) * p.o_sl;
   float acc = 0.f;
   for (int d = lane; d < p.Dv; d += 32) acc += to_float(dO[d]) * to_float(o[d]);
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) acc += shfl_xor(acc, m);
+  acc = warp_sum(acc);
   if (lane == 0) p.delta[row] = acc;
 }
 
@@ -671,7 +644,7 @@ __global__ void __launch_bounds__(BwdKVCfg<T, HD>::NT) _attention_bwd_dkdv_kerne
     for (int mt = m_first; mt < m_tiles; ++mt) {
       const int m0 = mt * BM;
       const int rows_q = imin(BM, p.L - m0);
-      sync_cta();  // the previous step's phase B is done with sQ, sdO, sP, sdS, sLse2, sDelta
+      __syncthreads();  // the previous step's phase B is done with sQ, sdO, sP, sdS, sLse2, sDelta
       load_tile<T, BM, HD, NT>(sQ, LD, q + static_cast<int64_t>(m0) * p.q_sl, p.q_sl, rows_q, p.D, aligned);
       load_tile<T, BM, HD, NT>(sdO, LD, dO + static_cast<int64_t>(m0) * p.do_sl, p.do_sl, rows_q, p.Dv, aligned);
       cp_async_commit();
@@ -687,7 +660,7 @@ __global__ void __launch_bounds__(BwdKVCfg<T, HD>::NT) _attention_bwd_dkdv_kerne
         sDelta[x] = dl;
       }
       cp_async_wait<0>();
-      sync_cta();
+      __syncthreads();
 
       // ---- phase A: S^T = K Q^T and dP^T = V dO^T, 16 keys x QW queries per warp
       const int q_off = wm * QW;
@@ -729,7 +702,7 @@ __global__ void __launch_bounds__(BwdKVCfg<T, HD>::NT) _attention_bwd_dkdv_kerne
           }
         }
       }
-      sync_cta();
+      __syncthreads();
 
       // ---- phase B: dV += (Z P)^T dO, dK += dS^T Q; 16 keys x DW columns per warp
       const int d_off = wm * DW;
@@ -821,7 +794,7 @@ __global__ void __launch_bounds__(BwdQCfg<T, HD>::NT) _attention_bwd_dq_kernel(c
     load_tile<T, BN, HD, NT>(sV, LD, v + static_cast<int64_t>(n0) * p.v_ss, p.v_ss, rows_kv, p.Dv, aligned);
     cp_async_commit();
     cp_async_wait<1>();  // Q, dO (first tile) and K(n)
-    sync_cta();
+    __syncthreads();
 
     float acc_s[BN / 8][4], acc_dp[BN / 8][4];
 #pragma unroll
@@ -831,7 +804,7 @@ __global__ void __launch_bounds__(BwdQCfg<T, HD>::NT) _attention_bwd_dq_kernel(c
     }
     warp_gemm_ss<T, BN / 8, HD, false>(acc_s, sQ + warp * 16 * LD, LD, sK, LD, p.D, rows_kv);
     cp_async_wait<0>();  // V(n)
-    sync_cta();
+    __syncthreads();
     warp_gemm_ss<T, BN / 8, HD, false>(acc_dp, sdO + warp * 16 * LD, LD, sV, LD, p.Dv, rows_kv);
 
     const bool need_mask = p.mask_kind != 0 || n0 + BN > p.S || (p.causal && n0 + BN - 1 > m0);
@@ -853,7 +826,7 @@ __global__ void __launch_bounds__(BwdQCfg<T, HD>::NT) _attention_bwd_dq_kernel(c
       }
     }
     warp_gemm_rs<T, HD / 8, BN / 16, true>(acc_dq, acc_s, sK, LD, rows_kv, p.D, scratch + warp * 16 * C::LDP);
-    sync_cta();  // every warp is done with sK and sV before the next tile's copies
+    __syncthreads();  // every warp is done with sK and sV before the next tile's copies
   }
   cp_async_wait<0>();
 
@@ -874,59 +847,34 @@ __global__ void __launch_bounds__(BwdQCfg<T, HD>::NT) _attention_bwd_dq_kernel(c
 }
 
 // ------------------------------------------------------------------------------------------
-// Launchers: dtype x head-dim bucket -> kernel instantiation. They return the first CUDA error
-// of the attribute calls; launch errors are left for the caller's cudaGetLastError check.
+// Launchers: dtype x head-dim bucket -> kernel instantiation. They return the launch's CUDA error.
 // ------------------------------------------------------------------------------------------
-enum class DType { kHalf, kBFloat16, kFloat };
-
 inline int head_dim_bucket(int d) { return d <= 64 ? 64 : (d <= 128 ? 128 : 256); }
-
-template <typename Kernel>
-inline cudaError_t launch(Kernel kernel, dim3 grid, dim3 block, int smem, cudaStream_t stream, const AttnParams& p) {
-#ifdef LLMFAST_EMU
-  (void)stream;
-  ::emu::launch(kernel, grid, block, smem, p);
-  return cudaSuccess;
-#else
-  if (smem > 48 * 1024) {
-    // > 48 KB of dynamic shared memory must be opted into per kernel.
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<grid, block, smem, stream>>>(p);
-  return cudaSuccess;
-#endif
-}
 
 template <template <typename, int> class Cfg>
 inline int smem_bytes(DType dt, int hd) {
-  auto pick = [&](auto tag) {
+  return dispatch(dt, [&](auto tag) {
     using T = decltype(tag);
     return hd == 64 ? Cfg<T, 64>::kSmem : (hd == 128 ? Cfg<T, 128>::kSmem : Cfg<T, 256>::kSmem);
-  };
-  return dt == DType::kHalf ? pick(__half{}) : (dt == DType::kBFloat16 ? pick(__nv_bfloat16{}) : pick(float{}));
+  });
 }
 
-// Calls f(T{}, std::integral_constant<int, HD>{}) for the run-time dtype and bucket.
+// f(T{}, std::integral_constant<int, HD>{}) for the run-time dtype and bucket.
 template <typename F>
-inline cudaError_t dispatch(DType dt, int hd, F&& f) {
-  auto by_hd = [&](auto tag) {
+inline cudaError_t dispatch_hd(DType dt, int hd, F&& f) {
+  return dispatch(dt, [&](auto tag) {
     if (hd == 64) return f(tag, std::integral_constant<int, 64>{});
     if (hd == 128) return f(tag, std::integral_constant<int, 128>{});
     return f(tag, std::integral_constant<int, 256>{});
-  };
-  if (dt == DType::kHalf) return by_hd(__half{});
-  if (dt == DType::kBFloat16) return by_hd(__nv_bfloat16{});
-  return by_hd(float{});
+  });
 }
 
 // Forward: writes p.out and p.lse. Needs B*H >= 1, L >= 1.
 inline cudaError_t attention_fwd_launch(const AttnParams& p, DType dt, cudaStream_t stream) {
-  return dispatch(dt, head_dim_bucket(p.D > p.Dv ? p.D : p.Dv), [&](auto tag, auto hd) {
-    using T = decltype(tag);
-    using C = FwdCfg<T, decltype(hd)::value>;
+  return dispatch_hd(dt, head_dim_bucket(p.D > p.Dv ? p.D : p.Dv), [&](auto tag, auto hd) {
+    using C = FwdCfg<decltype(tag), decltype(hd)::value>;
     const dim3 grid(p.B * p.H, (p.L + C::BM - 1) / C::BM);
-    return launch(_attention_fwd_kernel<T, C::HD>, grid, dim3(C::NT), C::kSmem, stream, p);
+    return launch(_attention_fwd_kernel<decltype(tag), C::HD>, grid, dim3(C::NT), C::kSmem, stream, p);
   });
 }
 
@@ -934,28 +882,26 @@ inline cudaError_t attention_fwd_launch(const AttnParams& p, DType dt, cudaStrea
 inline cudaError_t attention_bwd_delta_launch(const AttnParams& p, DType dt, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.L;
   const dim3 grid(static_cast<unsigned>((rows + 3) / 4));
-  if (dt == DType::kHalf) return launch(_attention_bwd_delta_kernel<__half>, grid, dim3(128), 0, stream, p);
-  if (dt == DType::kBFloat16) return launch(_attention_bwd_delta_kernel<__nv_bfloat16>, grid, dim3(128), 0, stream, p);
-  return launch(_attention_bwd_delta_kernel<float>, grid, dim3(128), 0, stream, p);
+  return dispatch(dt, [&](auto tag) {
+    return launch(_attention_bwd_delta_kernel<decltype(tag)>, grid, dim3(128), 0, stream, p);
+  });
 }
 
 // Backward step 2: p.dk, p.dv. Needs B*Hkv >= 1, S >= 1 (L may be 0: zeros).
 inline cudaError_t attention_bwd_dkdv_launch(const AttnParams& p, DType dt, cudaStream_t stream) {
-  return dispatch(dt, head_dim_bucket(p.D > p.Dv ? p.D : p.Dv), [&](auto tag, auto hd) {
-    using T = decltype(tag);
-    using C = BwdKVCfg<T, decltype(hd)::value>;
+  return dispatch_hd(dt, head_dim_bucket(p.D > p.Dv ? p.D : p.Dv), [&](auto tag, auto hd) {
+    using C = BwdKVCfg<decltype(tag), decltype(hd)::value>;
     const dim3 grid(p.B * p.Hkv, (p.S + C::BN - 1) / C::BN);
-    return launch(_attention_bwd_dkdv_kernel<T, C::HD>, grid, dim3(C::NT), C::kSmem, stream, p);
+    return launch(_attention_bwd_dkdv_kernel<decltype(tag), C::HD>, grid, dim3(C::NT), C::kSmem, stream, p);
   });
 }
 
 // Backward step 3: p.dq. Needs B*H >= 1, L >= 1 (S may be 0: zeros).
 inline cudaError_t attention_bwd_dq_launch(const AttnParams& p, DType dt, cudaStream_t stream) {
-  return dispatch(dt, head_dim_bucket(p.D > p.Dv ? p.D : p.Dv), [&](auto tag, auto hd) {
-    using T = decltype(tag);
-    using C = BwdQCfg<T, decltype(hd)::value>;
+  return dispatch_hd(dt, head_dim_bucket(p.D > p.Dv ? p.D : p.Dv), [&](auto tag, auto hd) {
+    using C = BwdQCfg<decltype(tag), decltype(hd)::value>;
     const dim3 grid(p.B * p.H, (p.L + C::BM - 1) / C::BM);
-    return launch(_attention_bwd_dq_kernel<T, C::HD>, grid, dim3(C::NT), C::kSmem, stream, p);
+    return launch(_attention_bwd_dq_kernel<decltype(tag), C::HD>, grid, dim3(C::NT), C::kSmem, stream, p);
   });
 }
 
@@ -981,220 +927,157 @@ inline void set_dropout(AttnParams& p, double dropout_p, uint64_t seed) {
   p.rp_keep = dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.f;
 }
 
-}  // namespace llmfast::attn
+}  // namespace
+}  // namespace llmfast::cuda
 
-#ifndef LLMFAST_ATTENTION_STANDALONE
-// ==========================================================================================
-// PyTorch binding: TORCH_LIBRARY_IMPL(llmfast, CUDA) for the schemas in csrc/ops.cpp.
-// ==========================================================================================
-#include <ATen/core/Tensor.h>
+#ifndef LLMFAST_CUDA_KERNELS_ONLY
+// =============================================================================================
+// torch binding
+// =============================================================================================
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
-#ifndef LLMFAST_EMU
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
 
 #include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
 
-// The device-specific parts of the binding. Under LLMFAST_EMU (dev only: csrc/dev/attention_emu_ext.cpp)
-// the same binding is compiled for CPU tensors and runs the kernels through the CPU emulator,
-// so that the argument checks, stride handling and tests/test_attention_cuda.py itself can be
-// exercised without a GPU.
-namespace llmfast::attn {
-#ifndef LLMFAST_EMU
-#define LLMFAST_ATTN_DISPATCH_KEY CUDA
-using DeviceGuard = c10::cuda::CUDAGuard;
-inline bool on_device(const at::Tensor& t) { return t.is_cuda(); }
-inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
-inline int smem_optin() { return static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin); }
-inline void check_launch(cudaError_t attr_err) {
-  C10_CUDA_CHECK(attr_err);  // cudaFuncSetAttribute
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-#else
-#define LLMFAST_ATTN_DISPATCH_KEY CPU
-struct DeviceGuard {
-  explicit DeviceGuard(c10::Device) {}
-};
-inline bool on_device(const at::Tensor& t) { return t.is_cpu(); }
-inline cudaStream_t current_stream() { return nullptr; }
-inline int smem_optin() { return 227 * 1024; }
-inline void check_launch(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "emulated launch failed"); }
-#endif
-}  // namespace llmfast::attn
+#include "cuda/binding.h"
 
-namespace llmfast::attn {
+namespace llmfast::cuda {
 namespace {
 
-using at::Tensor;
-
-DType dtype_of(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf:
-      return DType::kHalf;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    case at::kFloat:
-      return DType::kFloat;
-    default:
-      TORCH_CHECK(false, "llmfast attention (cuda): q, k, v must be float16, bfloat16 or float32, got ",
-                  t.scalar_type());
-  }
-  return DType::kFloat;  // unreachable
-}
+constexpr const char* kFwd = "llmfast::attention_fwd";
+constexpr const char* kBwd = "llmfast::attention_bwd";
 
 // cp.async copies 16 B chunks: legal when the base and every row start are 16 B-aligned.
 bool rows_aligned(const Tensor& t) {
   const int64_t ch = 16 / t.element_size();
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  if (!aligned16(t.const_data_ptr())) return false;
   for (int d = 0; d < 3; ++d)
     if (t.size(d) > 1 && t.stride(d) % ch != 0) return false;
   return true;
 }
 
-void check_last_dim(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "llmfast attention (cuda): ", name,
-              " must be contiguous in its last dim (got strides ", t.strides(), ")");
+// t as the kernels read it: unit stride along the last dim (autograd may hand over an expanded
+// or transposed gradient, e.g. from .sum(); only that case is copied).
+Tensor last_dim_contiguous(const Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
+void check_last_dim(const char* op, const char* arg, const Tensor& t) {
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", arg, " must be contiguous in its last dim, got strides ",
+              t.strides());
 }
 
 struct Shapes {
   int64_t B, H, Hkv, L, S, D, Dv;
 };
 
-Shapes check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
-  TORCH_CHECK(on_device(q), "llmfast attention (cuda): q must be a CUDA tensor, got ", q.device());
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
-              "llmfast attention (cuda): q, k, v must be on the same device, got ", q.device(), ", ", k.device(),
-              ", ", v.device());
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "llmfast attention (cuda): q, k, v must be 4-D [B, H, L, D], got ", q.dim(), "-D, ", k.dim(), "-D, ",
-              v.dim(), "-D");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "llmfast attention (cuda): q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
-              ", ", v.scalar_type());
-  dtype_of(q);
+// q: [B, H, L, D], k: [B, Hkv, S, D], v: [B, Hkv, S, Dv], one dtype and device.
+Shapes check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
+  check_on_device(op, "q", q);
+  check_device(op, "k", k, q);
+  check_device(op, "v", v, q);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D [B, H, L, D], got ", q.dim(),
+              "-D, ", k.dim(), "-D, ", v.dim(), "-D");
+  dtype_of(op, "q", q);
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
   Shapes s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
-  TORCH_CHECK(k.size(0) == s.B && v.size(0) == s.B, "llmfast attention (cuda): batch sizes differ: q ", q.sizes(),
-              ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(v.size(1) == s.Hkv, "llmfast attention (cuda): k and v head counts differ: ", k.sizes(), " vs ",
-              v.sizes());
-  TORCH_CHECK(s.Hkv > 0 ? s.H % s.Hkv == 0 : s.H == 0, "llmfast attention (cuda): query heads (", s.H,
+  TORCH_CHECK(k.size(0) == s.B && v.size(0) == s.B, op, ": batch sizes differ: q ", q.sizes(), ", k ", k.sizes(),
+              ", v ", v.sizes());
+  TORCH_CHECK(v.size(1) == s.Hkv, op, ": k and v head counts differ: ", k.sizes(), " vs ", v.sizes());
+  TORCH_CHECK(s.Hkv > 0 ? s.H % s.Hkv == 0 : s.H == 0, op, ": query heads (", s.H,
               ") must be a multiple of key/value heads (", s.Hkv, ")");
-  TORCH_CHECK(v.size(2) == s.S, "llmfast attention (cuda): k and v lengths differ: ", k.sizes(), " vs ", v.sizes());
-  TORCH_CHECK(k.size(3) == s.D, "llmfast attention (cuda): q and k head dims differ: ", q.sizes(), " vs ", k.sizes());
-  TORCH_CHECK(s.D >= 1 && s.D <= 256 && s.Dv >= 1 && s.Dv <= 256,
-              "llmfast attention (cuda): head dims must be in [1, 256], got D=", s.D, ", Dv=", s.Dv);
-  check_last_dim(q, "q");
-  check_last_dim(k, "k");
-  check_last_dim(v, "v");
+  TORCH_CHECK(v.size(2) == s.S, op, ": k and v lengths differ: ", k.sizes(), " vs ", v.sizes());
+  TORCH_CHECK(k.size(3) == s.D, op, ": q and k head dims differ: ", q.sizes(), " vs ", k.sizes());
+  TORCH_CHECK(s.D >= 1 && s.D <= 256 && s.Dv >= 1 && s.Dv <= 256, op, ": head dims must be in [1, 256], got D=",
+              s.D, ", Dv=", s.Dv);
+  check_last_dim(op, "q", q);
+  check_last_dim(op, "k", k);
+  check_last_dim(op, "v", v);
   // Grids: (B*H, ceil(L/BM)) and (B*Hkv, ceil(S/BN)) with BM, BN >= 32 (gridDim.y <= 65535), and
   // ceil(B*H*L / 4) blocks for the delta pass.
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
   TORCH_CHECK(s.L <= 65535LL * 32 && s.S <= 65535LL * 32 && s.B * s.H <= kIntMax && s.B * s.H * s.L / 4 < kIntMax,
-              "llmfast attention (cuda): sizes exceed the kernels' grid limits: q ", q.sizes(), ", k ", k.sizes());
+              op, ": sizes exceed the kernels' grid limits: q ", q.sizes(), ", k ", k.sizes());
   return s;
 }
 
-void set_qkv(AttnParams& p, const Tensor& q, const Tensor& k, const Tensor& v, const Shapes& s, double scale,
-             bool is_causal) {
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
+// The arguments the forward and the backward share; fills p with them. The returned mask view
+// ([B, H, L, S], stride 0 where broadcast) must outlive the launch.
+std::optional<Tensor> set_common(AttnParams& p, const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
+                                 const Shapes& s, const std::optional<Tensor>& mask, double scale, bool is_causal,
+                                 double dropout_p, int64_t seed) {
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, op, ": dropout_p must be in [0, 1], got ", dropout_p);
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
   p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sl = q.stride(2);
   p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_ss = k.stride(2);
   p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
   p.B = static_cast<int>(s.B), p.H = static_cast<int>(s.H), p.Hkv = static_cast<int>(s.Hkv);
   p.group = s.Hkv > 0 ? static_cast<int>(s.H / s.Hkv) : 1;
   p.L = static_cast<int>(s.L), p.S = static_cast<int>(s.S), p.D = static_cast<int>(s.D), p.Dv = static_cast<int>(s.Dv);
-  TORCH_CHECK(std::isfinite(scale), "llmfast attention (cuda): scale must be finite, got ", scale);
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.causal = is_causal ? 1 : 0;
-}
-
-// Returns the [B, H, L, S] view the kernels read (kept alive by the caller).
-std::optional<Tensor> set_mask(AttnParams& p, const std::optional<Tensor>& mask, const Tensor& q, const Shapes& s) {
-  if (!mask.has_value() || !mask->defined()) return std::nullopt;
+  set_dropout(p, dropout_p, static_cast<uint64_t>(seed));
+  if (!defined(mask)) return std::nullopt;
   const Tensor& m = *mask;
-  TORCH_CHECK(m.device() == q.device(), "llmfast attention (cuda): mask must be on ", q.device(), ", got ",
-              m.device());
-  TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat,
-              "llmfast attention (cuda): mask must be bool (True = attend) or float32 (additive), got ",
-              m.scalar_type());
-  TORCH_CHECK(m.dim() <= 4, "llmfast attention (cuda): mask must broadcast to [B, H, L, S] = [", s.B, ", ", s.H,
-              ", ", s.L, ", ", s.S, "], got ", m.sizes());
+  check_device(op, "mask", m, q);
+  TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat, op,
+              ": mask must be bool (True = attend) or float32 (additive), got ", m.scalar_type());
+  TORCH_CHECK(m.dim() <= 4, op, ": mask must broadcast to [B, H, L, S] = [", s.B, ", ", s.H, ", ", s.L, ", ", s.S,
+              "], got ", m.sizes());
   Tensor mv = m.expand({s.B, s.H, s.L, s.S});  // a view: broadcast dims get stride 0, nothing is copied
-  p.mask = mv.data_ptr();
+  p.mask = mv.const_data_ptr();
   p.mask_kind = m.scalar_type() == at::kBool ? 1 : 2;
   p.m_sb = mv.stride(0), p.m_sh = mv.stride(1), p.m_sl = mv.stride(2), p.m_ss = mv.stride(3);
   return mv;
 }
 
-void check_smem(int needed) {
+void check_smem(const char* op, int needed) {
   const int optin = smem_optin();
-  TORCH_CHECK(needed <= optin, "llmfast attention (cuda): this head dim needs ", needed,
-              " bytes of shared memory per block; the device allows ", optin,
-              " (use the triton or torch backend on this GPU)");
+  TORCH_CHECK(needed <= optin, op, ": this head dim needs ", needed, " bytes of shared memory per block; the device ",
+              "allows ", optin, " (use the triton or torch backend on this GPU)");
 }
 
-void check_dropout(double dropout_p) {
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "llmfast attention (cuda): dropout_p must be in [0, 1], got ",
-              dropout_p);
-}
-
-std::tuple<Tensor, Tensor> attention_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
-                                              const std::optional<Tensor>& mask, double scale, bool is_causal,
-                                              double dropout_p, int64_t seed) {
-  const Shapes s = check_qkv(q, k, v);
-  check_dropout(dropout_p);
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const std::optional<Tensor>& mask, double scale, bool is_causal,
+                                         double dropout_p, int64_t seed) {
+  const Shapes s = check_qkv(kFwd, q, k, v);
+  AttnParams p;
+  const auto mask_view = set_common(p, kFwd, q, k, v, s, mask, scale, is_causal, dropout_p, seed);
   const DeviceGuard guard(q.device());
   Tensor out = at::empty({s.B, s.H, s.L, s.Dv}, q.options());
   Tensor lse = at::empty({s.B, s.H, s.L}, q.options().dtype(at::kFloat));
   if (s.B * s.H * s.L == 0) return {out, lse};
-
-  AttnParams p;
-  set_qkv(p, q, k, v, s, scale, is_causal);
-  const auto mask_view = set_mask(p, mask, q, s);
-  set_dropout(p, dropout_p, static_cast<uint64_t>(seed));
   p.out = out.data_ptr();
   p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sl = out.stride(2);
   p.lse = lse.data_ptr<float>();
   p.aligned = rows_aligned(q) && rows_aligned(k) && rows_aligned(v);
-  const DType dt = dtype_of(q);
-  check_smem(attention_fwd_smem(dt, p.D, p.Dv));
+  const DType dt = dtype_of(kFwd, "q", q);
+  check_smem(kFwd, attention_fwd_smem(dt, p.D, p.Dv));
   check_launch(attention_fwd_launch(p, dt, current_stream()));
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out, const Tensor& q, const Tensor& k,
-                                                      const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                      const std::optional<Tensor>& mask, double scale, bool is_causal,
-                                                      double dropout_p, int64_t seed) {
-  const Shapes s = check_qkv(q, k, v);
-  check_dropout(dropout_p);
+std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                                 const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                 const std::optional<Tensor>& mask, double scale, bool is_causal,
+                                                 double dropout_p, int64_t seed) {
+  const Shapes s = check_qkv(kBwd, q, k, v);
+  AttnParams p;
+  const auto mask_view = set_common(p, kBwd, q, k, v, s, mask, scale, is_causal, dropout_p, seed);
   const std::vector<int64_t> o_shape{s.B, s.H, s.L, s.Dv};
-  TORCH_CHECK(grad_out.sizes() == o_shape && out.sizes() == o_shape,
-              "llmfast attention (cuda): grad_out and out must be [B, H, L, Dv] = ", o_shape, ", got ",
-              grad_out.sizes(), " and ", out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "llmfast attention (cuda): grad_out and out must have q's dtype ", q.scalar_type(), ", got ",
-              grad_out.scalar_type(), " and ", out.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({s.B, s.H, s.L}),
-              "llmfast attention (cuda): lse must be float32 [B, H, L], got ", lse.scalar_type(), " ", lse.sizes());
-  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
-              "llmfast attention (cuda): grad_out, out and lse must be on ", q.device());
+  TORCH_CHECK(out.sizes() == o_shape && out.scalar_type() == q.scalar_type(), kBwd, ": out must be a ",
+              q.scalar_type(), " [B, H, L, Dv] = ", o_shape, " tensor, got ", out.scalar_type(), " ", out.sizes());
+  check_device(kBwd, "out", out, q);
+  check_like(kBwd, "grad_out", grad_out, out);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({s.B, s.H, s.L}), kBwd,
+              ": lse must be a float32 [B, H, L] tensor, got ", lse.scalar_type(), " ", lse.sizes());
+  check_device(kBwd, "lse", lse, q);
   const DeviceGuard guard(q.device());
-  // Autograd may hand over an expanded or transposed gradient (e.g. from .sum()): the kernels
-  // need a contiguous last dim, so copy only in that case.
-  const Tensor dO = (grad_out.size(-1) <= 1 || grad_out.stride(-1) == 1) ? grad_out : grad_out.contiguous();
-  const Tensor o = (out.size(-1) <= 1 || out.stride(-1) == 1) ? out : out.contiguous();
-  const Tensor lse_c = lse.contiguous();
-
   Tensor dq = at::empty({s.B, s.H, s.L, s.D}, q.options());
   Tensor dk = at::empty({s.B, s.Hkv, s.S, s.D}, q.options());
   Tensor dv = at::empty({s.B, s.Hkv, s.S, s.Dv}, q.options());
@@ -1205,15 +1088,11 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out, co
     dv.zero_();
     return {dq, dk, dv};
   }
-
-  AttnParams p;
-  set_qkv(p, q, k, v, s, scale, is_causal);
-  const auto mask_view = set_mask(p, mask, q, s);
-  set_dropout(p, dropout_p, static_cast<uint64_t>(seed));
-  p.out = const_cast<void*>(o.data_ptr());
+  const Tensor dO = last_dim_contiguous(grad_out), o = last_dim_contiguous(out), lse_c = lse.contiguous();
+  p.out = const_cast<void*>(o.const_data_ptr());  // read only in the backward
   p.o_sb = o.stride(0), p.o_sh = o.stride(1), p.o_sl = o.stride(2);
-  p.lse = lse_c.data_ptr<float>();
-  p.dout = dO.data_ptr();
+  p.lse = const_cast<float*>(lse_c.const_data_ptr<float>());
+  p.dout = dO.const_data_ptr();
   p.do_sb = dO.stride(0), p.do_sh = dO.stride(1), p.do_sl = dO.stride(2);
   Tensor delta = at::empty({s.B, s.H, s.L}, q.options().dtype(at::kFloat));
   p.delta = delta.data_ptr<float>();
@@ -1224,8 +1103,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out, co
   p.dv = dv.data_ptr();
   p.dv_sb = dv.stride(0), p.dv_sh = dv.stride(1), p.dv_ss = dv.stride(2);
   p.aligned = rows_aligned(q) && rows_aligned(k) && rows_aligned(v) && rows_aligned(dO);
-  const DType dt = dtype_of(q);
-  check_smem(attention_bwd_smem(dt, p.D, p.Dv));
+  const DType dt = dtype_of(kBwd, "q", q);
+  check_smem(kBwd, attention_bwd_smem(dt, p.D, p.Dv));
   const cudaStream_t stream = current_stream();
   check_launch(attention_bwd_delta_launch(p, dt, stream));
   check_launch(attention_bwd_dkdv_launch(p, dt, stream));
@@ -1234,10 +1113,11 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out, co
 }
 
 }  // namespace
-}  // namespace llmfast::attn
 
-TORCH_LIBRARY_IMPL(llmfast, LLMFAST_ATTN_DISPATCH_KEY, m) {
-  m.impl("attention_fwd", &llmfast::attn::attention_fwd_cuda);
-  m.impl("attention_bwd", &llmfast::attn::attention_bwd_cuda);
+LLMFAST_CUDA_LIBRARY_IMPL(m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
 }
-#endif  // LLMFAST_ATTENTION_STANDALONE
+
+}  // namespace llmfast::cuda
+#endif  // LLMFAST_CUDA_KERNELS_ONLY

@@ -4,10 +4,10 @@
 // random problems, compares out / lse / dq / dk / dv with a float64 CPU reference and, on a GPU,
 // times them.
 //
-//   GPU:       nvcc -std=c++20 -O3 -arch=sm_90 --expt-relaxed-constexpr -Icsrc \
+//   GPU:       nvcc -std=c++17 -O3 -arch=sm_90 --expt-relaxed-constexpr -Icsrc \
 //                   csrc/dev/attention_dev.cu -o /tmp/attention_dev && /tmp/attention_dev [check|bench]
-//   emulator:  g++ -std=c++20 -O2 -DLLMFAST_EMU -x c++ -Icsrc -I/usr/local/cuda/include \
-//                   csrc/dev/attention_dev.cu -o /tmp/attention_emu && /tmp/attention_emu [quick|check]
+//   emulator:  g++ -std=c++17 -O2 -fno-strict-aliasing -Wno-unknown-pragmas -DLLMFAST_EMU -x c++ -Icsrc \
+//                   -I/usr/local/cuda/include csrc/dev/attention_dev.cu -o /tmp/attention_emu && /tmp/attention_emu [quick|check]
 // The emulator (csrc/dev/cuda_emu.h) runs every CUDA thread as a fiber and re-implements
 // ldmatrix / mma.sync / cp.async / shuffles from the PTX ISA tables, so the kernels' index math,
 // masking, pipelining and synchronisation are exercised without a GPU (slowly: small shapes).
@@ -16,8 +16,9 @@
 // single-buffered K/V cp.async prefetch; backward = delta pre-pass + dK/dV pass + separate
 // deterministic dQ pass). Alternatives worth timing on a GPU later: double-buffered K in the
 // forward, 128-row query tiles for D <= 64, atomic-dQ fused into the dK/dV pass.
-#define LLMFAST_ATTENTION_STANDALONE
+#define LLMFAST_CUDA_KERNELS_ONLY
 #include "cuda/attention.cu"
+#include "dev/harness.h"
 
 #include <algorithm>
 #include <chrono>
@@ -29,41 +30,7 @@
 #include <tuple>
 #include <vector>
 
-using namespace llmfast::attn;
-
-// ------------------------------------------------------------------------------------------
-// Device memory: real on a GPU, plain host memory under the emulator.
-// ------------------------------------------------------------------------------------------
-#ifdef LLMFAST_EMU
-static void* dev_alloc(size_t bytes) { return std::calloc(bytes ? bytes : 1, 1); }
-static void dev_free(void* p) { std::free(p); }
-static void to_dev(void* d, const void* h, size_t n) { std::memcpy(d, h, n); }
-static void to_host(void* h, const void* d, size_t n) { std::memcpy(h, d, n); }
-static void dev_sync() {}
-static void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s failed\n", what);
-    std::exit(1);
-  }
-}
-#else
-static void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-static void* dev_alloc(size_t bytes) {
-  void* p = nullptr;
-  check(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc");
-  check(cudaMemset(p, 0xFF, bytes ? bytes : 1), "cudaMemset");  // NaN-fill: unwritten outputs show
-  return p;
-}
-static void dev_free(void* p) { cudaFree(p); }
-static void to_dev(void* d, const void* h, size_t n) { check(cudaMemcpy(d, h, n, cudaMemcpyHostToDevice), "H2D"); }
-static void to_host(void* h, const void* d, size_t n) { check(cudaMemcpy(h, d, n, cudaMemcpyDeviceToHost), "D2H"); }
-static void dev_sync() { check(cudaDeviceSynchronize(), "sync"); }
-#endif
+using namespace llmfast::cuda;
 
 // ------------------------------------------------------------------------------------------
 // A problem: shapes, flags and layout choices.

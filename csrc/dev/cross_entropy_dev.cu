@@ -6,16 +6,17 @@
 // weights, label smoothing, an out-of-range target) and compares loss, lse = hi + lo and the
 // gradients with a float64 CPU reference. On a GPU it also times the kernels at N=4096, V=32000.
 //
-//   emulator:  g++ -std=c++20 -O2 -fno-strict-aliasing -DLLMFAST_EMU -x c++ -Icsrc \
+//   emulator:  g++ -std=c++17 -O2 -fno-strict-aliasing -Wno-unknown-pragmas -DLLMFAST_EMU -x c++ -Icsrc \
 //                   -I/usr/local/cuda/include csrc/dev/cross_entropy_dev.cu -o /tmp/xent_emu && /tmp/xent_emu
-//   GPU:       nvcc -std=c++20 -O3 -arch=sm_90 --use_fast_math --expt-relaxed-constexpr -Icsrc \
+//   GPU:       nvcc -std=c++17 -O3 -arch=sm_90 --use_fast_math --expt-relaxed-constexpr -Icsrc \
 //                   csrc/dev/cross_entropy_dev.cu -o /tmp/xent_dev && /tmp/xent_dev [bench]
 //
 // Variants: one so far (block per row, online (max, sum) per thread, shuffle + shared-memory
 // merge). Worth timing on a GPU later: several rows per block for small vocabularies, and a
 // split of very long rows over several blocks (a second pass merging partial states).
-#define LLMFAST_CROSS_ENTROPY_STANDALONE
+#define LLMFAST_CUDA_KERNELS_ONLY
 #include "cuda/cross_entropy.cu"
+#include "dev/harness.h"
 
 #include <chrono>
 #include <cmath>
@@ -26,32 +27,7 @@
 #include <string>
 #include <vector>
 
-using namespace llmfast::xent;
-
-#ifdef LLMFAST_EMU
-static void* dev_alloc(size_t bytes) { return std::calloc(bytes ? bytes : 1, 1); }
-static void dev_free(void* p) { std::free(p); }
-static void to_dev(void* d, const void* h, size_t n) { std::memcpy(d, h, n); }
-static void to_host(void* h, const void* d, size_t n) { std::memcpy(h, d, n); }
-static void dev_sync() {}
-#else
-static void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-static void* dev_alloc(size_t bytes) {
-  void* p = nullptr;
-  check(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc");
-  check(cudaMemset(p, 0xFF, bytes ? bytes : 1), "cudaMemset");  // NaN-fill: unwritten outputs show
-  return p;
-}
-static void dev_free(void* p) { cudaFree(p); }
-static void to_dev(void* d, const void* h, size_t n) { check(cudaMemcpy(d, h, n, cudaMemcpyHostToDevice), "H2D"); }
-static void to_host(void* h, const void* d, size_t n) { check(cudaMemcpy(h, d, n, cudaMemcpyDeviceToHost), "D2H"); }
-static void dev_sync() { check(cudaDeviceSynchronize(), "sync"); }
-#endif
+using namespace llmfast::cuda;
 
 // Host values stored in a dtype, as raw 16/32-bit words, plus their exact value as double.
 struct HostRow {
@@ -225,7 +201,7 @@ static void run_case(const Case& cs, std::mt19937& rng) {
   const double g_tol = dt == DType::kFloat ? 0.0 : (dt == DType::kHalf ? 1.0 / 1024 : 1.0 / 128);
 
   // forward
-  cross_entropy_fwd_launch(p, dt, N, false, nullptr);
+  check(cross_entropy_fwd_launch(p, dt, N, false, nullptr), "launch");
   dev_sync();
   std::vector<float> hl(N), hlse(2 * N);
   int herr = -1;
@@ -244,7 +220,7 @@ static void run_case(const Case& cs, std::mt19937& rng) {
   }
 
   // backward
-  cross_entropy_bwd_launch(p, dt, N, nullptr);
+  check(cross_entropy_bwd_launch(p, dt, N, nullptr), "launch");
   dev_sync();
   std::vector<char> hd(hx.size());
   to_host(hd.data(), ddx, hd.size());
@@ -259,7 +235,7 @@ static void run_case(const Case& cs, std::mt19937& rng) {
     }
 
   // forward + gradient in place (unit row weights)
-  cross_entropy_fwd_launch(p, dt, N, true, nullptr);
+  check(cross_entropy_fwd_launch(p, dt, N, true, nullptr), "launch");
   dev_sync();
   to_host(hd.data(), dx, hd.size());
   for (int64_t i = 0; i < N; ++i)
@@ -278,7 +254,7 @@ static void run_case(const Case& cs, std::mt19937& rng) {
   to_dev(dt_, bad.data(), N * 8);
   to_dev(dx, hx.data(), hx.size());
   to_dev(derr, &zero, 4);
-  cross_entropy_fwd_launch(p, dt, N, false, nullptr);
+  check(cross_entropy_fwd_launch(p, dt, N, false, nullptr), "launch");
   dev_sync();
   to_host(&herr, derr, 4);
   to_host(hl.data(), dl, N * 4);
