@@ -21,7 +21,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 }
 
 cap=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
-step build 240 env LLMFAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$cap" MAX_JOBS=${MAX_JOBS:-16} \
+step build 240 env LLMFAST_BUILD_CUDA=1 LLMFAST_BUILD_EMU=0 TORCH_CUDA_ARCH_LIST="$cap" MAX_JOBS=${MAX_JOBS:-16} \
   "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . || { tail -40 "$OUT/build.log"; exit 1; }
 step info 30 "$PY" -m llmfast info
 step tests 150 "$PY" -m pytest tests -m "not slow and not ddp" -q -x -p no:cacheprovider

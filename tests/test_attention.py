@@ -18,7 +18,7 @@ from llmfast.testing import compare, second_derivatives
 
 from conftest import DEVICE, backends_for
 
-BACKENDS = backends_for("attention")
+BACKENDS = backends_for("attention", emu=True)
 _INTERP = DEVICE == "cpu"  # the triton backend is interpreted: keep its shapes small
 
 

@@ -1,47 +1,46 @@
 """CUDA attention kernels (csrc/cuda/attention.cu), called through the raw ops.
 
-``torch.ops.llmfast.attention_fwd/bwd`` are compared with a float64 reference written here
-in plain torch, with FlashAttention's rule: the kernel's max error against float64 must be
-at most twice the error of the same maths done by torch in the input dtype, plus a small
-atol. Gradients come from autograd on the float64 reference, an independent derivation of
-the kernel's backward formulas. Skips cleanly without a GPU or without the CUDA build.
+On a GPU these are ``torch.ops.llmfast.attention_fwd/bwd`` on CUDA tensors; without one,
+the same kernels compiled for the CPU warp emulator (``torch.ops.llmfast_emu.*``, built
+as llmfast._emu, enabled by ``LLMFAST_CUDA_EMU=1``) on CPU tensors, with fewer and
+smaller cases (every CUDA thread is a fiber there). Both are compared with a float64
+reference written here in plain torch, with FlashAttention's rule: the kernel's max
+error against float64 must be at most twice the error of the same maths done by torch
+in the input dtype, plus a small atol. Gradients come from autograd on the float64
+reference, an independent derivation of the kernel's backward formulas. Skips cleanly
+when neither is built.
 """
 import math
 
 import pytest
 import torch
 
-import llmfast  # noqa: F401  (loads llmfast._C, which registers the ops)
+import llmfast
+from llmfast.ops.attention import attention_bwd, attention_fwd
 
+ON_GPU = torch.cuda.is_available()
+DEV = "cuda" if ON_GPU else "cpu"  # without a GPU: CPU tensors, emulated kernels
+_WHY_NOT = llmfast.available("attention", DEV)["cuda"]
 
-def _has_cuda_kernel():
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("llmfast::attention_fwd", "CUDA")
-    except RuntimeError:  # schema not registered: llmfast._C missing
-        return False
-
-
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(torch.cuda.is_available() and not _has_cuda_kernel(),
-                       reason="llmfast._C was built without the CUDA attention kernels"),
-]
+pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=f"cuda attention kernels: {_WHY_NOT}")
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-HEAD_DIMS = [16, 40, 64, 80, 96, 128, 256]
-LENGTHS = [(1, 1), (1, 129), (113, 203), (128, 217), (256, 128)]
+# Under emulation: every head-dim bucket (64, 128, 256) with a ragged D in each, and lengths
+# that cover one/several tiles, ragged tails and L != S in both directions.
+HEAD_DIMS = [16, 40, 64, 80, 96, 128, 256] if ON_GPU else [40, 96, 256]
+LENGTHS = [(1, 1), (1, 129), (113, 203), (128, 217), (256, 128)] if ON_GPU else [(1, 1), (70, 129), (129, 65)]
 # atol relative to the output's magnitude: about half an ulp of the dtype at 1.0
 ATOL = {torch.float16: 5e-4, torch.bfloat16: 4e-3, torch.float32: 1e-5}
 
 
 def fwd(q, k, v, mask=None, scale=None, causal=False, dropout_p=0.0, seed=0):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return torch.ops.llmfast.attention_fwd(q, k, v, mask, scale, causal, dropout_p, seed)
+    return attention_fwd.on("cuda", DEV)(q, k, v, mask, scale, causal, dropout_p, seed)
 
 
 def bwd(dout, q, k, v, out, lse, mask=None, scale=None, causal=False, dropout_p=0.0, seed=0):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return torch.ops.llmfast.attention_bwd(dout, q, k, v, out, lse, mask, scale, causal, dropout_p, seed)
+    return attention_bwd.on("cuda", DEV)(dout, q, k, v, out, lse, mask, scale, causal, dropout_p, seed)
 
 
 def reference(q, k, v, dout, mask=None, scale=None, causal=False, keep=None, dropout_p=0.0, dtype=torch.float64):
@@ -89,11 +88,11 @@ def assert_close_fa(name, got, ref64, ref_lp, dtype):
 
 
 def make(B, H, Hkv, L, S, D, Dv, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=g)
-    k = torch.randn(B, Hkv, S, D, device="cuda", dtype=dtype, generator=g)
-    v = torch.randn(B, Hkv, S, Dv, device="cuda", dtype=dtype, generator=g)
-    dout = torch.randn(B, H, L, Dv, device="cuda", dtype=dtype, generator=g)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randn(B, H, L, D, device=DEV, dtype=dtype, generator=g)
+    k = torch.randn(B, Hkv, S, D, device=DEV, dtype=dtype, generator=g)
+    v = torch.randn(B, Hkv, S, Dv, device=DEV, dtype=dtype, generator=g)
+    dout = torch.randn(B, H, L, Dv, device=DEV, dtype=dtype, generator=g)
     return q, k, v, dout
 
 
@@ -137,21 +136,21 @@ def test_attention_cuda_value_dim(dtype, D, Dv):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16", "fp32"])
 def test_attention_cuda_gqa(dtype, causal, Hkv):
     # 8 query heads share Hkv key/value heads; dk/dv are the group sums (checked by the reference)
-    q, k, v, dout = make(2, 8, Hkv, 113, 203, 64, 64, dtype)
+    q, k, v, dout = make(2, 8, Hkv, 113, 203, 64, 64, dtype) if ON_GPU else make(1, 8, Hkv, 70, 90, 64, 64, dtype)
     check_case(q, k, v, dout, causal=causal)
 
 
 @pytest.mark.parametrize("mask_shape", ["full", "bcast_bh", "bcast_b"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16", "fp32"])
 def test_attention_cuda_masks(dtype, mask_shape):
-    B, H, Hkv, L, S = 2, 4, 2, 100, 150
+    B, H, Hkv, L, S = (2, 4, 2, 100, 150) if ON_GPU else (2, 4, 2, 40, 70)
     q, k, v, dout = make(B, H, Hkv, L, S, 64, 64, dtype)
     shape = {"full": (B, H, L, S), "bcast_bh": (1, 1, L, S), "bcast_b": (1, H, L, S)}[mask_shape]
-    g = torch.Generator(device="cuda").manual_seed(1)
-    keep = torch.rand(shape, device="cuda", generator=g) > 0.3
+    g = torch.Generator(device=DEV).manual_seed(1)
+    keep = torch.rand(shape, device=DEV, generator=g) > 0.3
     keep[..., ::7, :] = False  # fully masked rows: zeros, lse -inf, zero and finite gradients
     bool_mask = keep.expand(B, H, L, S)  # a stride-0 view, as the op contract allows
-    add_mask = torch.zeros(shape, device="cuda").masked_fill(~keep, -math.inf).expand(B, H, L, S)
+    add_mask = torch.zeros(shape, device=DEV).masked_fill(~keep, -math.inf).expand(B, H, L, S)
     res_b = check_case(q, k, v, dout, mask=bool_mask)
     res_a = check_case(q, k, v, dout, mask=add_mask)
     # a bool mask and the equivalent additive mask are the same computation
@@ -161,13 +160,13 @@ def test_attention_cuda_masks(dtype, mask_shape):
     dead = ~keep.expand(B, H, L, S).any(-1)
     assert torch.isneginf(lse[dead]).all() and (out[dead] == 0).all() and (dq[dead] == 0).all()
     # a random additive mask (finite values) too
-    check_case(q, k, v, dout, mask=torch.randn(shape, device="cuda", generator=g).expand(B, H, L, S), causal=True)
+    check_case(q, k, v, dout, mask=torch.randn(shape, device=DEV, generator=g).expand(B, H, L, S), causal=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16", "fp32"])
 def test_attention_cuda_all_masked(dtype):
     q, k, v, dout = make(1, 2, 2, 33, 40, 64, 64, dtype)
-    mask = torch.zeros(1, 2, 33, 40, dtype=torch.bool, device="cuda")
+    mask = torch.zeros(1, 2, 33, 40, dtype=torch.bool, device=DEV)
     out, lse, dq, dk, dv = check_case(q, k, v, dout, mask=mask)
     assert (out == 0).all() and torch.isneginf(lse).all()
     assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all()
@@ -180,11 +179,11 @@ def test_attention_cuda_strided_views(dtype, D):
 
     D = 33 makes rows start at odd addresses: the kernels' plain-load fallback instead of cp.async.
     """
-    B, H, L = 2, 4, 97
-    g = torch.Generator(device="cuda").manual_seed(2)
-    qkv = torch.randn(B, L, 3, H, D, device="cuda", dtype=dtype, generator=g)
+    B, H, L = (2, 4, 97) if ON_GPU else (1, 2, 70)
+    g = torch.Generator(device=DEV).manual_seed(2)
+    qkv = torch.randn(B, L, 3, H, D, device=DEV, dtype=dtype, generator=g)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, L, D], strides (L*3*H*D, D, 3*H*D, 1)
-    dout = torch.randn(B, L, H, D, device="cuda", dtype=dtype, generator=g).transpose(1, 2)
+    dout = torch.randn(B, L, H, D, device=DEV, dtype=dtype, generator=g).transpose(1, 2)
     res_view = check_case(q, k, v, dout, causal=True)
     qc, kc, vc, dc = (t.contiguous() for t in (q, k, v, dout))
     res_cont = (*fwd(qc, kc, vc, causal=True),)
@@ -199,7 +198,7 @@ def test_attention_cuda_dropout(dtype):
     B, H, L, S, D, p, seed = 1, 2, 80, 100, 64, 0.3, 1234
     q, k, _, _ = make(B, H, H, L, S, D, 64, dtype)
     # V = identity: out[i, j] = Z_ij P_ij, so out != 0 exactly where the key was kept
-    eye = torch.eye(S, device="cuda", dtype=dtype).expand(B, H, S, S)
+    eye = torch.eye(S, device=DEV, dtype=dtype).expand(B, H, S, S)
     out_eye, _ = fwd(q, k, eye, dropout_p=p, seed=seed)
     keep = out_eye != 0
     frac = keep.double().mean().item()
@@ -224,7 +223,8 @@ def test_attention_cuda_dropout(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_attention_cuda_deterministic(dtype):
-    q, k, v, dout = make(2, 8, 2, 300, 333, 128, 128, dtype)
+    # several query and key tiles per CTA loop; under emulation the fibers also run in a random order
+    q, k, v, dout = make(2, 8, 2, 300, 333, 128, 128, dtype) if ON_GPU else make(1, 4, 2, 130, 150, 128, 128, dtype)
     out, lse = fwd(q, k, v, causal=True, dropout_p=0.1, seed=7)
     g1 = bwd(dout, q, k, v, out, lse, causal=True, dropout_p=0.1, seed=7)
     out2, lse2 = fwd(q, k, v, causal=True, dropout_p=0.1, seed=7)
@@ -249,7 +249,7 @@ def test_attention_cuda_empty():
 
 def test_attention_cuda_bad_input():
     q, k, v, _ = make(1, 4, 2, 8, 8, 64, 64, torch.float16)
-    with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         fwd(q.to(torch.int32), k.to(torch.int32), v.to(torch.int32))
     with pytest.raises(RuntimeError, match="head dims differ"):
         fwd(q, k[..., :32], v)
@@ -258,13 +258,14 @@ def test_attention_cuda_bad_input():
     with pytest.raises(RuntimeError, match="one dtype"):
         fwd(q, k.float(), v)
     with pytest.raises(RuntimeError):
-        fwd(q, k, v, mask=torch.ones(1, 1, 8, 9, dtype=torch.bool, device="cuda"))
+        fwd(q, k, v, mask=torch.ones(1, 1, 8, 9, dtype=torch.bool, device=DEV))
     with pytest.raises(RuntimeError, match="bool .* or float32"):
-        fwd(q, k, v, mask=torch.ones(1, 1, 8, 8, dtype=torch.int64, device="cuda"))
-    big = torch.randn(1, 1, 4, 257, device="cuda", dtype=torch.float16)
+        fwd(q, k, v, mask=torch.ones(1, 1, 8, 8, dtype=torch.int64, device=DEV))
+    big = torch.randn(1, 1, 4, 257, device=DEV, dtype=torch.float16)
     with pytest.raises(RuntimeError, match=r"\[1, 256\]"):
         fwd(big, big, big)
     with pytest.raises(RuntimeError, match="last dim"):
         fwd(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v)  # same shape, last-dim stride L
-    with pytest.raises(RuntimeError, match="same device"):
-        fwd(q, k.cpu(), v)
+    if ON_GPU:
+        with pytest.raises(RuntimeError, match="k is on cpu"):
+            fwd(q, k.cpu(), v)

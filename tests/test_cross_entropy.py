@@ -16,7 +16,7 @@ from llmfast.testing import compare, second_derivatives
 
 from conftest import DEVICE, backends_for
 
-BACKENDS = backends_for("cross_entropy")
+BACKENDS = backends_for("cross_entropy", emu=True)
 REDUCTIONS = ["mean", "sum", "none"]
 
 

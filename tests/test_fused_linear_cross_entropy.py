@@ -18,7 +18,7 @@ from llmfast.testing import compare
 
 from conftest import DEVICE, backends_for
 
-BACKENDS = backends_for("fused_linear_cross_entropy")
+BACKENDS = backends_for("fused_linear_cross_entropy", emu=True)
 
 
 def _inputs(N=23, H=32, V=500, dtype=torch.float32, bias=True, ignore_every=4):
