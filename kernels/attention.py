@@ -430,8 +430,6 @@ def _launch(kernel, kind, grid_fn, args, meta, bucket_key, tune_key, device_is_c
 def _common(q, k, v, mask, dropout_p, seed):
     import torch
 
-    from llmfast import backends, reference
-
     B, H, L, D = q.shape
     Hkv, S, DV = k.shape[1], k.shape[2], v.shape[3]
     if B * H > 65535:  # b·H + h runs on grid axis 1 (CUDA caps it at 65535)
@@ -442,11 +440,13 @@ def _common(q, k, v, mask, dropout_p, seed):
         kind = 1 if mask.dtype == torch.bool else 2
         m_arg, mstr = mask, mask.stride()
     drop = dropout_p > 0
-    threshold = reference.dropout_threshold(dropout_p) if drop else 0
+    # drop iff the uint32 draw < floor(p * 2^32) (llmfast.reference.dropout_threshold, the spec)
+    threshold = min(int(dropout_p * 4294967296.0), 4294967295) if drop else 0
     keep_scale = 1.0 / (1.0 - dropout_p) if drop else 1.0
     name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[q.dtype]
     interp = q.device.type == "cpu"
-    upcast = bool(interp and backends.triton_interpret() and q.dtype == torch.bfloat16)
+    # Triton runs CPU tensors only under the interpreter, whose bf16 tl.dot is wrong (numpy has no bf16)
+    upcast = bool(interp and q.dtype == torch.bfloat16)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     bucket = (_bucket(max(D, DV)), _is16(name))
     return dict(B=B, H=H, L=L, D=D, Hkv=Hkv, S=S, DV=DV, kind=kind, m_arg=m_arg, mstr=mstr, drop=drop,
