@@ -168,6 +168,13 @@ def _x_hat(X_ptr, x_off, mask, mean, rstd, CENTERED: tl.constexpr):
 
 
 @triton.jit
+def _bwd_chunk(X_ptr, DY_ptr, W_ptr, x_off, dy_off, c, cm, mean, rstd, CENTERED: tl.constexpr, HAS_W: tl.constexpr):
+    """(x_hat, dy, g = dy * w) of one chunk of a streamed row, fp32."""
+    dy = tl.load(DY_ptr + dy_off, mask=cm, other=0.0).to(tl.float32)
+    return _x_hat(X_ptr, x_off, cm, mean, rstd, CENTERED), dy, _affine(dy, W_ptr, W_ptr, c, cm, HAS_W, False)
+
+
+@triton.jit
 def _norm_bwd_kernel(X_ptr, W_ptr, DY_ptr, DS_ptr, DX_ptr, Mean_ptr, Rstd_ptr, DW_ptr, DB_ptr,
                      M, N, stride_xm, stride_dym, stride_dsm, tiles_per_prog,
                      CENTERED: tl.constexpr, HAS_DS: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr,
@@ -230,9 +237,8 @@ def _norm_bwd_kernel(X_ptr, W_ptr, DY_ptr, DS_ptr, DX_ptr, Mean_ptr, Rstd_ptr, D
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 cm = c < N
-                xh = _x_hat(X_ptr, row * stride_xm + c, cm, mean, rstd, CENTERED)
-                dy = tl.load(DY_ptr + row * stride_dym + c, mask=cm, other=0.0).to(tl.float32)
-                g = _affine(dy, W_ptr, W_ptr, c, cm, HAS_W, False)
+                xh, dy, g = _bwd_chunk(X_ptr, DY_ptr, W_ptr, row * stride_xm + c, row * stride_dym + c, c, cm, mean,
+                                       rstd, CENTERED, HAS_W)
                 acc1 += g
                 acc2 += g * xh
                 if NEED_DW:
@@ -246,9 +252,8 @@ def _norm_bwd_kernel(X_ptr, W_ptr, DY_ptr, DS_ptr, DX_ptr, Mean_ptr, Rstd_ptr, D
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 cm = c < N
-                xh = _x_hat(X_ptr, row * stride_xm + c, cm, mean, rstd, CENTERED)
-                dy = tl.load(DY_ptr + row * stride_dym + c, mask=cm, other=0.0).to(tl.float32)
-                g = _affine(dy, W_ptr, W_ptr, c, cm, HAS_W, False)
+                xh, dy, g = _bwd_chunk(X_ptr, DY_ptr, W_ptr, row * stride_xm + c, row * stride_dym + c, c, cm, mean,
+                                       rstd, CENTERED, HAS_W)
                 dx = (g - c1 - xh * c2) * rstd
                 if HAS_DS:
                     dx += tl.load(DS_ptr + row * stride_dsm + c, mask=cm, other=0.0).to(tl.float32)

@@ -13,7 +13,7 @@
 // x: [M, N] (unit column stride, any row stride); every output is contiguous. The forward
 // spreads rows over threads; the backward spreads fixed blocks of rows (RowBlocks) so the
 // dw/db partial sums need no atomics. A row is read from memory once: the statistics take
-// vectorised passes per 8 KB chunk while it is in L1 (row_mean_var / row_sumsq), the output
+// vectorised passes per 8 KB chunk while it is in L1 (row_mean_var / row_sum), the output
 // one more pass from L1/L2. fp16/bf16 rows are widened to fp32 scratch rows first. With
 // fresh outputs of this size (8192 x 4096 fp32 = 128 MB) most of the time goes to the
 // kernel faulting and zeroing the output pages, the same for torch's kernels (stream.h).
@@ -123,23 +123,26 @@ inline T hsum(const Vectorized<T>& v) {
   return at::vec::vec_reduce_all<T>([](Vectorized<T>& a, Vectorized<T>& b) { return a + b; }, v);
 }
 
-template <typename T>
+// sum(x) (or sum(x^2) with SQUARE) of a row: four independent vector accumulators per
+// chunk (one add/fma chain would cost its full latency per vector).
+template <bool SQUARE, typename T>
 inline T row_sum(const T* x, int64_t n) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
+  auto add = [](const Vec& v, const Vec& acc) { return SQUARE ? at::vec::fmadd(v, v, acc) : acc + v; };
   Vec total(T(0));
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t e = std::min(n, c + kChunk);
     Vec a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
     int64_t j = c;
     for (; j + 4 * V <= e; j += 4 * V) {
-      a0 = a0 + Vec::loadu(x + j);
-      a1 = a1 + Vec::loadu(x + j + V);
-      a2 = a2 + Vec::loadu(x + j + 2 * V);
-      a3 = a3 + Vec::loadu(x + j + 3 * V);
+      a0 = add(Vec::loadu(x + j), a0);
+      a1 = add(Vec::loadu(x + j + V), a1);
+      a2 = add(Vec::loadu(x + j + 2 * V), a2);
+      a3 = add(Vec::loadu(x + j + 3 * V), a3);
     }
-    for (; j + V <= e; j += V) a0 = a0 + Vec::loadu(x + j);
-    if (j < e) a1 = a1 + Vec::loadu(x + j, e - j);  // lanes past the row load as 0
+    for (; j + V <= e; j += V) a0 = add(Vec::loadu(x + j), a0);
+    if (j < e) a1 = add(Vec::loadu(x + j, e - j), a1);  // lanes past the row load as 0
     total = total + ((a0 + a1) + (a2 + a3));
   }
   return hsum(total);
@@ -196,7 +199,7 @@ inline void row_mean_var(const T* x, int64_t n, T& mean, T& var) {
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t len = std::min(kChunk, n - c);
     const T nb = static_cast<T>(len);
-    const T m0 = row_sum(x + c, len) / nb;
+    const T m0 = row_sum<false>(x + c, len) / nb;
     T d1, d2;
     row_shifted_moments(x + c, len, m0, d1, d2);
     const T dm = d1 / nb;
@@ -210,32 +213,6 @@ inline void row_mean_var(const T* x, int64_t n, T& mean, T& var) {
   }
   mean = mu;
   var = m2 / cnt;
-}
-
-template <typename T>
-inline T row_sumsq(const T* x, int64_t n) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t V = Vec::size();
-  Vec total(T(0));
-  for (int64_t c = 0; c < n; c += kChunk) {
-    const int64_t e = std::min(n, c + kChunk);
-    Vec a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
-    int64_t j = c;
-    for (; j + 4 * V <= e; j += 4 * V) {
-      const Vec v0 = Vec::loadu(x + j), v1 = Vec::loadu(x + j + V);
-      const Vec v2 = Vec::loadu(x + j + 2 * V), v3 = Vec::loadu(x + j + 3 * V);
-      a0 = at::vec::fmadd(v0, v0, a0);
-      a1 = at::vec::fmadd(v1, v1, a1);
-      a2 = at::vec::fmadd(v2, v2, a2);
-      a3 = at::vec::fmadd(v3, v3, a3);
-    }
-    for (; j < e; j += V) {
-      const Vec v = Vec::loadu(x + j, std::min<int64_t>(V, e - j));
-      a0 = at::vec::fmadd(v, v, a0);
-    }
-    total = total + ((a0 + a1) + (a2 + a3));
-  }
-  return hsum(total);
 }
 
 // ---------------------------------------------------------------------------------
@@ -318,7 +295,7 @@ void norm_fwd_rows(const Tensor& x, const Tensor& r, const Tensor& w, const Tens
         rs = acc_t(1) / std::sqrt(var + eps);
         mp[m] = mu;
       } else {
-        rs = acc_t(1) / std::sqrt(row_sumsq(xr, N) * inv_n + eps);
+        rs = acc_t(1) / std::sqrt(row_sum<true>(xr, N) * inv_n + eps);
       }
       rsp[m] = rs;
       const Vec vmu(mu), vrs(rs);
