@@ -91,6 +91,14 @@ inline Tensor acc_param(const char* op, const char* arg, const std::optional<Ten
   return t.to(acc_scalar_type(x.scalar_type())).contiguous();
 }
 
+// An attention / softmax mask view: `sizes` exactly (broadcast dims have stride 0), bool or
+// float32, on like's device.
+inline void check_mask(const char* op, const Tensor& mask, at::IntArrayRef sizes, const Tensor& like) {
+  TORCH_CHECK(mask.sizes() == sizes, op, ": mask must be viewed as ", sizes, ", got ", mask.sizes());
+  check_dtype(op, "mask", mask, {at::kBool, at::kFloat});
+  check_device(op, "mask", mask, like);
+}
+
 // norm_fwd's arguments (llmfast/ops/norm.py): input [M, N] rows; residual None or like input;
 // weight, bias None or per-column parameters, bias only when centered (LayerNorm). Returns
 // (weight, bias) as acc_param does.

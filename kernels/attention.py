@@ -127,6 +127,28 @@ def _fwd_inner(acc, m_i, l_i, q, K_ptr, V_ptr, M_ptr, offs_m, offs_n, offs_d, of
 
 
 @triton.jit
+def _query_block(Q_ptr, K_ptr, V_ptr, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_vb, stride_vh,
+                 stride_mb, stride_mh, H, G, L, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's query block (grid: (query blocks, B*H)) and where its head reads.
+
+    Returns (start_m, bh, offs_m, offs_d, q [BLOCK_M, BLOCK_D] (zero past L and D), the k and v
+    bases of kv head h // G, the mask offset of (b, h)).
+    """
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // G
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :],
+                mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
+    K_base = K_ptr + b * stride_kb + hk * stride_kh
+    V_base = V_ptr + b * stride_vb + hk * stride_vh
+    return start_m, bh, offs_m, offs_d, q, K_base, V_base, b * stride_mb + h * stride_mh
+
+
+@triton.jit
 def _attn_fwd_kernel(Q_ptr, K_ptr, V_ptr, M_ptr, O_ptr, LSE_ptr,
                      stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_ks,
                      stride_vb, stride_vh, stride_vs, stride_mb, stride_mh, stride_ml, stride_ms,
@@ -135,21 +157,11 @@ def _attn_fwd_kernel(Q_ptr, K_ptr, V_ptr, M_ptr, O_ptr, LSE_ptr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     # q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv]; out [B, H, L, Dv] and lse [B, H, L] contiguous
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // G
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    start_m, bh, offs_m, offs_d, q, K_base, V_base, m_base = _query_block(
+        Q_ptr, K_ptr, V_ptr, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_vb, stride_vh, stride_mb,
+        stride_mh, H, G, L, D, BLOCK_M, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_ptrs = (Q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-              + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :])
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
-    K_base = K_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    V_base = V_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    m_base = b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -300,19 +312,12 @@ def _attn_bwd_dq_kernel(Q_ptr, K_ptr, V_ptr, M_ptr, DO_ptr, LSE_ptr, Delta_ptr, 
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     # one query block of head h; dq [B, H, L, D] contiguous
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // G
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    start_m, bh, offs_m, offs_d, q, K_base, V_base, m_base = _query_block(
+        Q_ptr, K_ptr, V_ptr, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_vb, stride_vh, stride_mb,
+        stride_mh, H, G, L, D, BLOCK_M, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < L
-    q = tl.load(Q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :],
-                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(DO_ptr + (bh.to(tl.int64) * L + offs_m[:, None]) * DV + offs_dv[None, :],
                  mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     if UPCAST:
@@ -321,9 +326,6 @@ def _attn_bwd_dq_kernel(Q_ptr, K_ptr, V_ptr, M_ptr, DO_ptr, LSE_ptr, Delta_ptr, 
     lse = tl.load(LSE_ptr + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(Delta_ptr + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
-    K_base = K_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    V_base = V_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    m_base = b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if IS_CAUSAL:
         hi = tl.minimum(S, start_m + BLOCK_M)

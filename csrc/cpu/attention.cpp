@@ -29,6 +29,7 @@
 #include <atomic>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "cpu/row.h"
 
 namespace llmfast::cpu {
@@ -211,17 +212,11 @@ Tensor scaled_f32(const Tensor& q, double scale) {
   return out;
 }
 
-struct MaskView {
-  const void* ptr = nullptr;
-  bool is_bool = false;
-  int64_t sb = 0, sh = 0, sl = 0, ss = 0;
-};
-
 struct Problem {
   int64_t B, H, Hkv, G, L, S, D, Dv;
   float scale;
   bool causal;
-  const MaskView* mask;
+  std::optional<MaskView> mask;
   Dropout drop;
 };
 
@@ -260,22 +255,6 @@ Tensor pack_transposed(const Tensor& x, int64_t bn) {
     }
   });
   return out;
-}
-
-// z[0, n) += mask row (additive) or = -inf where the bool mask is false.
-inline void apply_mask_row(float* z, int64_t n, const MaskView& mk, int64_t b, int64_t h, int64_t i, int64_t j0) {
-  const int64_t off = b * mk.sb + h * mk.sh + i * mk.sl + j0 * mk.ss;
-  if (mk.is_bool) {
-    const bool* m = static_cast<const bool*>(mk.ptr) + off;
-    for (int64_t j = 0; j < n; ++j) z[j] = m[j * mk.ss] ? z[j] : kNegInf;
-  } else {
-    const float* m = static_cast<const float*>(mk.ptr) + off;
-    if (mk.ss == 1) {
-      at::vec::map2([](Vec a, Vec c) { return a + c; }, z, z, m, n);
-    } else {
-      for (int64_t j = 0; j < n; ++j) z[j] += m[j * mk.ss];
-    }
-  }
 }
 
 // Number of keys of block [j0, j0 + nb) that query i may see under the causal mask.
@@ -359,7 +338,7 @@ void fwd_impl(const Problem& P, const Tensor& q, const Tensor& kT, const View& v
           const int64_t i = i0 + r;
           float* z = Sb + r * BN;
           const int64_t nv = visible(P.causal, i, j0, nb);
-          if (P.mask) apply_mask_row(z, nv, *P.mask, b, h, i, j0);
+          if (P.mask) apply_mask(z, nv, *P.mask, b, h, i, j0);
           const float bmax = nv > 0 ? vec_max(z, nv) : kNegInf;
           const float m_old = mrow[r], m_new = std::max(m_old, bmax);
           if (m_new == kNegInf) {  // nothing visible so far: p = 0, state unchanged
@@ -426,24 +405,15 @@ void fwd_impl(const Problem& P, const Tensor& q, const Tensor& kT, const View& v
   });
 }
 
-MaskView mask_view(const std::optional<Tensor>& mask, const Tensor& q, int64_t S, const char* who) {
-  MaskView mv;
-  if (mask.has_value()) {
-    const Tensor& mk = *mask;
-    TORCH_CHECK(mk.dim() == 4 && mk.size(0) == q.size(0) && mk.size(1) == q.size(1) && mk.size(2) == q.size(2) &&
-                    mk.size(3) == S,
-                who, ": mask must be viewed as [B, H, L, S] = [", q.size(0), ", ", q.size(1), ", ", q.size(2), ", ", S,
-                "], got ", mk.sizes());
-    TORCH_CHECK(mk.scalar_type() == at::kBool || mk.scalar_type() == at::kFloat, who,
-                ": mask must be bool or float32, got ", mk.scalar_type());
-    TORCH_CHECK(mk.device() == q.device(), who, ": mask is on ", mk.device(), ", q on ", q.device());
-    mv = {mk.const_data_ptr(), mk.scalar_type() == at::kBool, mk.stride(0), mk.stride(1), mk.stride(2), mk.stride(3)};
-  }
-  return mv;
+std::optional<MaskView> mask_view(const std::optional<Tensor>& mask, const Tensor& q, int64_t S, const char* who) {
+  if (!defined(mask)) return std::nullopt;
+  check_mask(who, *mask, {q.size(0), q.size(1), q.size(2), S}, q);
+  return MaskView(*mask);
 }
 
-Problem check_problem(const Tensor& q, const Tensor& k, const Tensor& v, double scale, bool is_causal,
-                      const char* who) {
+// The checked problem of attention_fwd / attention_bwd (the mask view stays valid while `mask` lives).
+Problem check_problem(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
+                      double scale, bool is_causal, double dropout_p, int64_t seed, const char* who) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, who, ": q, k, v must be 4-D [B, H, L, D], got ", q.sizes(),
               ", ", k.sizes(), ", ", v.sizes());
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), who,
@@ -458,18 +428,15 @@ Problem check_problem(const Tensor& q, const Tensor& k, const Tensor& v, double 
               " do not match q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv]");
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, who, ": the number of query heads (", H,
               ") must be a multiple of the number of key/value heads (", Hkv, ")");
-  Problem P{B, H, Hkv, H / Hkv, L, S, D, Dv, static_cast<float>(scale), is_causal, nullptr, {}};
-  return P;
+  return {B, H, Hkv, H / Hkv, L, S, D, Dv, static_cast<float>(scale), is_causal, mask_view(mask, q, S, who),
+          make_dropout(dropout_p, seed)};
 }
 
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const std::optional<Tensor>& mask, double scale, bool is_causal,
                                          double dropout_p, int64_t seed) {
   const char* who = "llmfast::attention_fwd";
-  Problem P = check_problem(q, k, v, scale, is_causal, who);
-  MaskView mv = mask_view(mask, q, P.S, who);
-  P.mask = mask.has_value() ? &mv : nullptr;
-  P.drop = make_dropout(dropout_p, seed);
+  const Problem P = check_problem(q, k, v, mask, scale, is_causal, dropout_p, seed, who);
   Tensor out = at::empty({P.B, P.H, P.L, P.Dv}, q.options());
   Tensor lse = at::empty({P.B, P.H, P.L}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
@@ -493,7 +460,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
 // both see bit-identical p (same GEMM calls, same tiles, same exp).
 inline void bwd_probs_row(const Problem& P, float* p, int64_t nv, float lse_i, int64_t b, int64_t h, int64_t i,
                           int64_t j0) {
-  if (P.mask) apply_mask_row(p, nv, *P.mask, b, h, i, j0);
+  if (P.mask) apply_mask(p, nv, *P.mask, b, h, i, j0);
   at::vec::map([lse_i](Vec x) { return (x - Vec(lse_i)).exp_u20(); }, p, p, nv);
 }
 
@@ -668,10 +635,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
                                                  const std::optional<Tensor>& mask, double scale, bool is_causal,
                                                  double dropout_p, int64_t seed) {
   const char* who = "llmfast::attention_bwd";
-  Problem P = check_problem(q, k, v, scale, is_causal, who);
-  MaskView mv = mask_view(mask, q, P.S, who);
-  P.mask = mask.has_value() ? &mv : nullptr;
-  P.drop = make_dropout(dropout_p, seed);
+  const Problem P = check_problem(q, k, v, mask, scale, is_causal, dropout_p, seed, who);
   TORCH_CHECK(out.sizes() == at::IntArrayRef({P.B, P.H, P.L, P.Dv}) && grad_out.sizes() == out.sizes(), who,
               ": out and grad_out must be [B, H, L, Dv] = [", P.B, ", ", P.H, ", ", P.L, ", ", P.Dv, "], got ",
               out.sizes(), " and ", grad_out.sizes());

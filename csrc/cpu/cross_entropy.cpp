@@ -30,6 +30,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "cpu/row.h"
 #include "cpu/stream.h"
 
@@ -226,30 +227,6 @@ void bwd_rows(const Tensor& grad, const Tensor& x, const Tensor& target, const T
   });
 }
 
-at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_inputs(const char* name, const Tensor& x, const Tensor& target, const std::optional<Tensor>& weight,
-                  double label_smoothing) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), name, ": logits must be a contiguous [N, C] tensor, got shape ",
-              x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 ||
-                  x.scalar_type() == at::kDouble,
-              name, ": logits must be float32/float16/bfloat16/float64, got ", x.scalar_type());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0) && target.scalar_type() == at::kLong,
-              name, ": target must be int64 of shape [", x.size(0), "], got ", target.scalar_type(), " ",
-              target.sizes());
-  TORCH_CHECK(target.device() == x.device(), name, ": target is on ", target.device(), ", logits on ", x.device());
-  if (weight.has_value()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == x.size(1) && weight->is_contiguous(), name,
-                ": weight must be a contiguous [", x.size(1), "] tensor, got ", weight->sizes());
-    TORCH_CHECK(weight->scalar_type() == acc_scalar_type(x.scalar_type()), name, ": weight must be ",
-                acc_scalar_type(x.scalar_type()), " for ", x.scalar_type(), " logits, got ", weight->scalar_type());
-    TORCH_CHECK(weight->device() == x.device(), name, ": weight is on ", weight->device(), ", logits on ", x.device());
-  }
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, name, ": label_smoothing must be in [0, 1], got ",
-              label_smoothing);
-}
-
 template <typename acc_t>
 CeParams<acc_t> make_params(const Tensor& x, const std::optional<Tensor>& weight, int64_t ignore_index, double eps) {
   CeParams<acc_t> p{x.size(1), ignore_index, nullptr, static_cast<acc_t>(eps), static_cast<acc_t>(x.size(1))};
@@ -263,7 +240,7 @@ CeParams<acc_t> make_params(const Tensor& x, const std::optional<Tensor>& weight
 std::tuple<Tensor, Tensor> fwd_impl(const char* name, Tensor& x, const Tensor& target,
                                     const std::optional<Tensor>& weight, int64_t ignore_index,
                                     double label_smoothing, bool write_grad) {
-  check_inputs(name, x, target, weight, label_smoothing);
+  check_cross_entropy(name, x, target, weight, label_smoothing);
   const auto opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   Tensor loss = at::empty({x.size(0)}, opts), lse = at::empty({x.size(0), 2}, opts);
   if (x.size(0) == 0) return {loss, lse};
@@ -293,13 +270,8 @@ Tensor cross_entropy_bwd(const Tensor& grad_loss, const Tensor& logits, const Te
                          const std::optional<Tensor>& weight, const Tensor& lse, int64_t ignore_index,
                          double label_smoothing) {
   const char* name = "llmfast::cross_entropy_bwd";
-  check_inputs(name, logits, target, weight, label_smoothing);
-  const auto acc = acc_scalar_type(logits.scalar_type());
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == logits.size(0) && grad_loss.scalar_type() == acc,
-              name, ": grad_loss must be ", acc, " of shape [", logits.size(0), "], got ", grad_loss.scalar_type(),
-              " ", grad_loss.sizes());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == logits.size(0) && lse.size(1) == 2 && lse.scalar_type() == acc, name,
-              ": lse must be ", acc, " of shape [", logits.size(0), ", 2], got ", lse.scalar_type(), " ", lse.sizes());
+  check_cross_entropy(name, logits, target, weight, label_smoothing);
+  check_cross_entropy_bwd(name, grad_loss, lse, logits);
   Tensor dx = at::empty_like(logits);
   if (logits.numel() == 0) return dx;
   const Tensor g = grad_loss.contiguous(), t = target.contiguous(), e = lse.contiguous();

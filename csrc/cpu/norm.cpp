@@ -478,12 +478,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd(const Tensor& input, const s
                                                     const std::optional<Tensor>& weight,
                                                     const std::optional<Tensor>& bias, double eps, bool centered) {
   constexpr const char* op = "llmfast::norm_fwd";
-  check_rows(op, "input", input);
+  const auto [w, b] = check_norm_fwd(op, input, residual, weight, bias, centered);
   const bool has_res = defined(residual);
-  if (has_res) check_rows_like(op, "residual", *residual, input);
-  TORCH_CHECK(centered || !defined(bias), op, ": bias is a LayerNorm parameter (centered=True)");
-  const Tensor w = acc_param(op, "weight", weight, input);
-  const Tensor b = acc_param(op, "bias", bias, input);
   const int64_t M = input.size(0), N = input.size(1);
   const auto opts = input.options().memory_format(at::MemoryFormat::Contiguous);
   Tensor y = at::empty({M, N}, opts);
@@ -505,16 +501,10 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& grad_out, const std::o
                                             const Tensor& x, const std::optional<Tensor>& weight, const Tensor& mean,
                                             const Tensor& rstd, bool centered, bool weight_grad, bool bias_grad) {
   constexpr const char* op = "llmfast::norm_bwd";
-  check_rows(op, "x", x);
-  check_rows_like(op, "grad_out", grad_out, x);
+  const Tensor w = check_norm_bwd(op, grad_out, grad_summed, x, weight, mean, rstd, centered, bias_grad);
   const bool has_ds = defined(grad_summed) && grad_summed->numel() > 0;
-  if (has_ds) check_rows_like(op, "grad_summed", *grad_summed, x);
-  TORCH_CHECK(centered || !bias_grad, op, ": bias_grad needs centered=True (RMSNorm has no bias)");
-  const Tensor w = acc_param(op, "weight", weight, x);
   const int64_t M = x.size(0), N = x.size(1);
   const auto acc = acc_scalar_type(x.scalar_type());
-  if (centered) check_vector(op, "mean", mean, M, acc, x);
-  check_vector(op, "rstd", rstd, M, acc, x);
   const auto acc_opts = x.options().dtype(acc);
   Tensor dx = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor dw = at::empty({weight_grad ? N : 0}, acc_opts), db = at::empty({bias_grad ? N : 0}, acc_opts);

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "cpu/row.h"
 #include "cpu/stream.h"
 
@@ -16,29 +17,6 @@ namespace llmfast::cpu {
 namespace {
 
 using at::Tensor;
-
-struct MaskView {
-  const void* ptr = nullptr;
-  bool is_bool = false;
-  int64_t sa = 0, sb = 0, sl = 0, sn = 0;
-};
-
-template <typename acc_t>
-void apply_mask(acc_t* z, int64_t n, const MaskView& mk, int64_t a, int64_t b, int64_t l) {
-  const int64_t off = a * mk.sa + b * mk.sb + l * mk.sl;
-  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  if (mk.is_bool) {
-    const bool* m = static_cast<const bool*>(mk.ptr) + off;
-    for (int64_t j = 0; j < n; ++j) z[j] = m[j * mk.sn] ? z[j] : ninf;
-  } else {
-    const float* m = static_cast<const float*>(mk.ptr) + off;
-    if (mk.sn == 1) {
-      for (int64_t j = 0; j < n; ++j) z[j] += static_cast<acc_t>(m[j]);
-    } else {
-      for (int64_t j = 0; j < n; ++j) z[j] += static_cast<acc_t>(m[j * mk.sn]);
-    }
-  }
-}
 
 template <typename scalar_t>
 void softmax_fwd_rows(const Tensor& x, Tensor& y, double scale_d, const MaskView* mask, bool causal, bool log) {
@@ -175,27 +153,26 @@ void softmax_bwd_rows(const Tensor& dy, const Tensor& y, Tensor& dx, double scal
 }
 
 Tensor softmax_fwd(const Tensor& input, double scale, const std::optional<Tensor>& mask, bool is_causal, bool log) {
-  TORCH_CHECK(input.dim() == 4 && input.is_contiguous(), "llmfast::softmax_fwd: input must be a contiguous [A, B, L, N] tensor");
-  MaskView mv;
-  if (mask.has_value()) {
-    const Tensor& mk = *mask;
-    TORCH_CHECK(mk.sizes() == input.sizes(), "llmfast::softmax_fwd: mask must be viewed as ", input.sizes(), ", got ", mk.sizes());
-    TORCH_CHECK(mk.scalar_type() == at::kBool || mk.scalar_type() == at::kFloat,
-                "llmfast::softmax_fwd: mask must be bool or float32, got ", mk.scalar_type());
-    TORCH_CHECK(mk.device() == input.device(), "llmfast::softmax_fwd: mask is on ", mk.device(), ", input on ", input.device());
-    mv = {mk.const_data_ptr(), mk.scalar_type() == at::kBool, mk.stride(0), mk.stride(1), mk.stride(2), mk.stride(3)};
+  constexpr const char* op = "llmfast::softmax_fwd";
+  TORCH_CHECK(input.dim() == 4 && input.is_contiguous(), op, ": input must be a contiguous [A, B, L, N] tensor");
+  check_float(op, "input", input);
+  std::optional<MaskView> mv;
+  if (defined(mask)) {
+    check_mask(op, *mask, input.sizes(), input);
+    mv.emplace(*mask);
   }
   Tensor out = at::empty_like(input);
   if (input.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "llmfast_softmax_fwd_cpu", [&] {
-    softmax_fwd_rows<scalar_t>(input, out, scale, mask.has_value() ? &mv : nullptr, is_causal, log);
+    softmax_fwd_rows<scalar_t>(input, out, scale, mv ? &*mv : nullptr, is_causal, log);
   });
   return out;
 }
 
 Tensor softmax_bwd(const Tensor& grad_out, const Tensor& out, double scale, bool log, bool masked) {
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), "llmfast::softmax_bwd: grad_out has shape ", grad_out.sizes(), ", out ", out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == out.scalar_type(), "llmfast::softmax_bwd: grad_out dtype ", grad_out.scalar_type(), " != out dtype ", out.scalar_type());
+  constexpr const char* op = "llmfast::softmax_bwd";
+  check_float(op, "out", out);
+  check_like(op, "grad_out", grad_out, out);
   const Tensor dy = grad_out.contiguous(), y = out.contiguous();
   Tensor dx = at::empty_like(y);
   if (y.numel() == 0) return dx;
