@@ -10,22 +10,28 @@
 // emu::ptx has the hardware-specific instructions (ldmatrix, mma.sync, cp.async),
 // re-implemented from the PTX ISA's fragment tables independently of the kernels' own index
 // math, so running a kernel here checks that math. What it also catches:
-//   * divergent barriers / warp collectives (deadlock: the launch throws emu::Error),
+//   * barriers / warp collectives some threads never reach (deadlock: the launch throws emu::Error),
 //   * reading shared memory that was never written, or whose cp.async has not been waited for:
 //     shared memory (dynamic and static) starts every CTA as NaN (0xFF bytes); a cp.async
 //     poisons its destination with NaN until the issuing thread's cp.async.wait_group,
 //   * a shared buffer overwritten while other threads still read it: fibers run in a random
 //     order between barriers, so a missing __syncthreads shows up as NaN or wrong numbers,
+//   * divergent barriers: threads at different __syncthreads, or lanes of a warp at different
+//     shuffles (emu::Error too),
 //   * misaligned ldmatrix / cp.async addresses and out-of-range shared-memory accesses.
-// What it cannot model: real timing, the accumulation order inside an mma, the approximate
-// __expf/__logf (the host's expf/logf are more accurate), bank conflicts, register pressure.
+// What it cannot model: races in global memory between CTAs (they run one after another, and a
+// thread's read-modify-write never yields), real timing, the accumulation order inside an mma,
+// the approximate __expf/__logf (the host's expf/logf are more accurate), bank conflicts,
+// register pressure.
 //
 // Launches are serialised by one mutex (static __shared__ arrays are process-wide storage);
 // the rest of the state is per launching thread, so torch may call in from any thread.
 #pragma once
 
 #include <sys/mman.h>
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -82,8 +88,9 @@ struct Stack {
 
 #if defined(__x86_64__)
 // Saves the callee-saved registers and the FP control words on the current stack, stores the
-// stack pointer in *from and resumes the stack `to` (System V x86-64). swapcontext does the
-// same plus a signal-mask syscall, ~30x slower; the emulator switches once per thread per barrier.
+// stack pointer in *from and resumes the stack `to` (System V x86-64): ~40 ns a round trip here,
+// against ~350 ns for swapcontext, which also makes a signal-mask syscall. The emulator switches
+// once per thread per barrier, and every shuffle is a barrier.
 __attribute__((naked, noinline)) static void switch_stack(void** /*from*/, void* /*to*/) {
   asm("pushq %rbp\n\tpushq %rbx\n\tpushq %r12\n\tpushq %r13\n\tpushq %r14\n\tpushq %r15\n\t"
       "subq $8, %rsp\n\tstmxcsr (%rsp)\n\tfnstcw 4(%rsp)\n\t"
@@ -138,7 +145,9 @@ struct Fiber {
   bool done = false;
   const unsigned* wait_on = nullptr;  // blocked until *wait_on != wait_val
   unsigned wait_val = 0;
-  unsigned coll = 0;  // warp collectives issued (selects the exchange slot)
+  unsigned coll = 0;       // warp collectives issued (selects the exchange slot)
+  unsigned syncs = 0;      // __syncthreads passed
+  unsigned warp_syncs = 0;  // warp barriers passed (collectives, __syncwarp)
   std::vector<Copy> open;
   std::deque<std::vector<Copy>> groups;
 };
@@ -186,29 +195,43 @@ inline void wait_for(const unsigned* gen) {
   for (;;) switch_to(c.cur->ctx, c.sched);  // never resumed
 }
 
-// Hardware semantics: threads that have exited count as arrived at __syncthreads.
+// Hardware semantics: threads that have exited count as arrived at __syncthreads. Every thread
+// still running must be at the same __syncthreads: one that skipped or repeated one (a barrier in
+// divergent code) would, on hardware, pair barriers that were never meant to meet.
 inline void release_cta_barrier_if_complete() {
   Cta& c = cta();
-  if (c.cta_arrived > 0 && c.cta_arrived + c.exited == c.nthreads) {
-    c.cta_arrived = 0;
-    ++c.cta_gen;
+  if (c.cta_arrived == 0 || c.cta_arrived + c.exited != c.nthreads) return;
+  unsigned n = ~0u;
+  for (const Fiber& f : c.fibers) {
+    if (f.done) continue;
+    if (n != ~0u && f.syncs != n) fail("divergent __syncthreads: threads of a block are at different barriers");
+    n = f.syncs;
   }
+  c.cta_arrived = 0;
+  ++c.cta_gen;
 }
 
 inline void cta_barrier() {
   Cta& c = cta();
   const unsigned gen = c.cta_gen;
+  ++c.cur->syncs;
   ++c.cta_arrived;
   release_cta_barrier_if_complete();
   if (c.cta_gen == gen) wait_for(&c.cta_gen);
 }
 
-// A warp collective needs every lane of the warp (a lane that exited deadlocks it, as a
-// full-mask shuffle on hardware is undefined then).
+// A warp collective needs every lane of the warp, all at the same collective (a lane that
+// exited deadlocks it; lanes at different shuffles fail: full-mask shuffles in divergent code
+// are undefined on hardware).
 inline void warp_barrier() {
   Cta& c = cta();
-  const unsigned w = me().tid / 32;
+  Fiber& f = *c.cur;
+  const unsigned w = f.tid / 32;
+  ++f.warp_syncs;
   if (++c.warp_arrived[w] == c.warp_size[w]) {
+    for (unsigned i = w * 32; i < w * 32 + c.warp_size[w]; ++i)
+      if (c.fibers[i].warp_syncs != f.warp_syncs)
+        fail("divergent warp collective: lanes of a warp are at different shuffles");
     c.warp_arrived[w] = 0;
     ++c.warp_gen[w];
   } else {
@@ -285,7 +308,7 @@ inline void run_cta(Cta& c, dim3 idx, const std::vector<std::unique_ptr<Stack>>&
   for (Fiber& f : c.fibers) {
     f.done = false;
     f.wait_on = nullptr;
-    f.coll = 0;
+    f.coll = f.syncs = f.warp_syncs = 0;
     f.open.clear();
     f.groups.clear();
     f.ctx.make(*stacks[f.tid], fiber_main);
@@ -316,6 +339,13 @@ inline std::mutex& launch_mutex() {
   return m;
 }
 
+// Fiber stacks, reused by every launch of this thread.
+inline const std::vector<std::unique_ptr<Stack>>& fiber_stacks(unsigned n) {
+  static thread_local std::vector<std::unique_ptr<Stack>> pool;
+  while (pool.size() < n) pool.push_back(std::make_unique<Stack>());
+  return pool;
+}
+
 // kernel<<<grid, block, smem_bytes>>>(args...), emulated: the CTAs run one after another.
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, A&&... args) {
@@ -324,8 +354,6 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, A&&.
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) throw Error("emu: launch: empty grid");
   if (current != nullptr) throw Error("emu: launch from inside a kernel");
   const std::lock_guard<std::mutex> lock(launch_mutex());
-  static thread_local std::vector<std::unique_ptr<Stack>> stacks;  // reused between launches
-  while (stacks.size() < nt) stacks.push_back(std::make_unique<Stack>());
   std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);  // the kernel's parameters
   std::vector<char> dyn(smem_bytes);
 
@@ -346,13 +374,14 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, A&&.
     c.fibers[i].tid = i;
     c.fibers[i].idx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
   }
+  const auto& pool = fiber_stacks(nt);
   struct Reset {  // `current` is cleared however the launch ends
     ~Reset() { current = nullptr; }
   } reset;
   current = &c;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) run_cta(c, dim3(bx, by, bz), stacks);
+      for (unsigned bx = 0; bx < grid.x; ++bx) run_cta(c, dim3(bx, by, bz), pool);
 }
 
 // ---------------------------------------------------------------------------------------------
