@@ -1002,11 +1002,9 @@ Shapes check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor&
   return s;
 }
 
-// The arguments the forward and the backward share; fills p with them. The returned mask view
-// ([B, H, L, S], stride 0 where broadcast) must outlive the launch.
-std::optional<Tensor> set_common(AttnParams& p, const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
-                                 const Shapes& s, const std::optional<Tensor>& mask, double scale, bool is_causal,
-                                 double dropout_p, int64_t seed) {
+// The arguments the forward and the backward share; fills p with them.
+void set_common(AttnParams& p, const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Shapes& s,
+                const std::optional<Tensor>& mask, double scale, bool is_causal, double dropout_p, int64_t seed) {
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, op, ": dropout_p must be in [0, 1], got ", dropout_p);
   p.q = q.const_data_ptr();
@@ -1022,18 +1020,13 @@ std::optional<Tensor> set_common(AttnParams& p, const char* op, const Tensor& q,
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.causal = is_causal ? 1 : 0;
   set_dropout(p, dropout_p, static_cast<uint64_t>(seed));
-  if (!defined(mask)) return std::nullopt;
+  if (!defined(mask)) return;
+  // mask: [B, H, L, S] view, any strides (0 where broadcast), bool (True = attend) or float32 (additive)
   const Tensor& m = *mask;
-  check_device(op, "mask", m, q);
-  TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat, op,
-              ": mask must be bool (True = attend) or float32 (additive), got ", m.scalar_type());
-  TORCH_CHECK(m.dim() <= 4, op, ": mask must broadcast to [B, H, L, S] = [", s.B, ", ", s.H, ", ", s.L, ", ", s.S,
-              "], got ", m.sizes());
-  Tensor mv = m.expand({s.B, s.H, s.L, s.S});  // a view: broadcast dims get stride 0, nothing is copied
-  p.mask = mv.const_data_ptr();
+  check_mask(op, m, {s.B, s.H, s.L, s.S}, q);
+  p.mask = m.const_data_ptr();
   p.mask_kind = m.scalar_type() == at::kBool ? 1 : 2;
-  p.m_sb = mv.stride(0), p.m_sh = mv.stride(1), p.m_sl = mv.stride(2), p.m_ss = mv.stride(3);
-  return mv;
+  p.m_sb = m.stride(0), p.m_sh = m.stride(1), p.m_sl = m.stride(2), p.m_ss = m.stride(3);
 }
 
 void check_smem(const char* op, int needed) {
@@ -1047,7 +1040,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
                                          double dropout_p, int64_t seed) {
   const Shapes s = check_qkv(kFwd, q, k, v);
   AttnParams p;
-  const auto mask_view = set_common(p, kFwd, q, k, v, s, mask, scale, is_causal, dropout_p, seed);
+  set_common(p, kFwd, q, k, v, s, mask, scale, is_causal, dropout_p, seed);
   const DeviceGuard guard(q.device());
   Tensor out = at::empty({s.B, s.H, s.L, s.Dv}, q.options());
   Tensor lse = at::empty({s.B, s.H, s.L}, q.options().dtype(at::kFloat));
@@ -1068,7 +1061,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
                                                  double dropout_p, int64_t seed) {
   const Shapes s = check_qkv(kBwd, q, k, v);
   AttnParams p;
-  const auto mask_view = set_common(p, kBwd, q, k, v, s, mask, scale, is_causal, dropout_p, seed);
+  set_common(p, kBwd, q, k, v, s, mask, scale, is_causal, dropout_p, seed);
   const std::vector<int64_t> o_shape{s.B, s.H, s.L, s.Dv};
   TORCH_CHECK(out.sizes() == o_shape && out.scalar_type() == q.scalar_type(), kBwd, ": out must be a ",
               q.scalar_type(), " [B, H, L, Dv] = ", o_shape, " tensor, got ", out.scalar_type(), " ", out.sizes());

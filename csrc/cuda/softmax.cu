@@ -314,9 +314,7 @@ Tensor softmax_fwd(const Tensor& input, double scale, const std::optional<Tensor
   mk.B = input.size(1), mk.L = input.size(2), mk.causal = is_causal;
   if (defined(mask)) {
     const Tensor& m = *mask;
-    TORCH_CHECK(m.sizes() == input.sizes(), op, ": mask must be viewed as ", input.sizes(), ", got ", m.sizes());
-    check_device(op, "mask", m, input);
-    check_dtype(op, "mask", m, {at::kBool, at::kFloat});
+    check_mask(op, m, input.sizes(), input);
     mk.ptr = m.const_data_ptr();
     mk.sa = m.stride(0), mk.sb = m.stride(1), mk.sl = m.stride(2), mk.sn = m.stride(3);
     mk.kind = m.scalar_type() == at::kBool ? 1 : 2;
