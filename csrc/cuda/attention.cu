@@ -360,6 +360,21 @@ __device__ __forceinline__ void warp_gemm_rs(float (&acc)[NB][4], const float (&
   }
 }
 
+// Row half r (row g or g+8 of the lane) of a warp's 16 x (8*NB) fp32 tile in the C layout,
+// times `mul`, to columns c0 + nb*8 + 2t + e (those below `cols`) of the row `dst`.
+template <typename T, int NB>
+__device__ __forceinline__ void store_row(T* dst, const float (&acc)[NB][4], int r, float mul, int c0, int cols) {
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int c = c0 + nb * 8 + 2 * t + e;
+      if (c < cols) dst[c] = from_float<T>(acc[nb][2 * r + e] * mul);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------
 // Score masking, shared by the forward and both backward passes so that they agree bit for bit:
 // x is already scale*log2(e)*q.k; returns -inf for invisible keys, else x + log2(e)*mask.
@@ -558,14 +573,7 @@ __global__ void __launch_bounds__(FwdCfg<T, HD>::NT) _attention_fwd_kernel(const
     if (i < p.L) {
       if (t == 0) p.lse[static_cast<int64_t>(bh) * p.L + i] = seen ? (m_i[r] + log2f(l)) * kLn2 : -INFINITY;
       T* o = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + static_cast<int64_t>(i) * p.o_sl;
-#pragma unroll
-      for (int nb = 0; nb < HD / 8; ++nb) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int c = nb * 8 + 2 * t + e;
-          if (c < p.Dv) o[c] = from_float<T>(acc_o[nb][2 * r + e] * inv);
-        }
-      }
+      store_row(o, acc_o, r, inv, 0, p.Dv);
     }
   }
 }
@@ -712,24 +720,16 @@ __global__ void __launch_bounds__(BwdKVCfg<T, HD>::NT) _attention_bwd_dkdv_kerne
   }
   cp_async_wait<0>();
 
-  // Epilogue: keys j_row[r], columns wm*DW + nb*8 + 2t + e. Keys no query sees (causal, L == 0)
-  // get exact zeros.
+  // Epilogue: keys j_row[r], columns wm*DW.. . Keys no query sees (causal, L == 0) get exact zeros.
   const int d_off = wm * DW;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int j = j_row[r];
     if (j >= p.S) continue;
-    T* dk = static_cast<T*>(p.dk) + b * p.dk_sb + hk * p.dk_sh + static_cast<int64_t>(j) * p.dk_ss;
-    T* dv = static_cast<T*>(p.dv) + b * p.dv_sb + hk * p.dv_sh + static_cast<int64_t>(j) * p.dv_ss;
-#pragma unroll
-    for (int nb = 0; nb < DW / 8; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = d_off + nb * 8 + 2 * t + e;
-        if (c < p.D) dk[c] = from_float<T>(acc_dk[nb][2 * r + e] * p.scale);
-        if (c < p.Dv) dv[c] = from_float<T>(acc_dv[nb][2 * r + e]);
-      }
-    }
+    store_row(static_cast<T*>(p.dk) + b * p.dk_sb + hk * p.dk_sh + static_cast<int64_t>(j) * p.dk_ss, acc_dk, r,
+              p.scale, d_off, p.D);
+    store_row(static_cast<T*>(p.dv) + b * p.dv_sb + hk * p.dv_sh + static_cast<int64_t>(j) * p.dv_ss, acc_dv, r, 1.f,
+              d_off, p.Dv);
   }
 }
 
@@ -834,15 +834,8 @@ __global__ void __launch_bounds__(BwdQCfg<T, HD>::NT) _attention_bwd_dq_kernel(c
   for (int r = 0; r < 2; ++r) {
     const int i = i_row[r];
     if (i >= p.L) continue;
-    T* dq = static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh + static_cast<int64_t>(i) * p.dq_sl;
-#pragma unroll
-    for (int nb = 0; nb < HD / 8; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = nb * 8 + 2 * t + e;
-        if (c < p.D) dq[c] = from_float<T>(acc_dq[nb][2 * r + e] * p.scale);
-      }
-    }
+    store_row(static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh + static_cast<int64_t>(i) * p.dq_sl, acc_dq, r,
+              p.scale, 0, p.D);
   }
 }
 
@@ -859,23 +852,27 @@ inline int smem_bytes(DType dt, int hd) {
   });
 }
 
-// f(T{}, std::integral_constant<int, HD>{}) for the run-time dtype and bucket.
-template <typename F>
-inline cudaError_t dispatch_hd(DType dt, int hd, F&& f) {
+// One tiled pass: Cfg<T, HD> for the call's dtype and head-dim bucket gives the CTA (NT threads,
+// kSmem bytes), kernel(T{}, integral_constant<HD>) the instantiation, grid(Cfg<T, HD>{}) the CTAs.
+template <template <typename, int> class Cfg, typename Kernel, typename Grid>
+inline cudaError_t launch_tiled(const AttnParams& p, DType dt, cudaStream_t stream, Kernel&& kernel, Grid&& grid) {
+  auto go = [&](auto tag, auto hd) {
+    using C = Cfg<decltype(tag), decltype(hd)::value>;
+    return launch(kernel(tag, hd), grid(C{}), dim3(C::NT), C::kSmem, stream, p);
+  };
+  const int hd = head_dim_bucket(p.D > p.Dv ? p.D : p.Dv);
   return dispatch(dt, [&](auto tag) {
-    if (hd == 64) return f(tag, std::integral_constant<int, 64>{});
-    if (hd == 128) return f(tag, std::integral_constant<int, 128>{});
-    return f(tag, std::integral_constant<int, 256>{});
+    if (hd == 64) return go(tag, std::integral_constant<int, 64>{});
+    if (hd == 128) return go(tag, std::integral_constant<int, 128>{});
+    return go(tag, std::integral_constant<int, 256>{});
   });
 }
 
 // Forward: writes p.out and p.lse. Needs B*H >= 1, L >= 1.
 inline cudaError_t attention_fwd_launch(const AttnParams& p, DType dt, cudaStream_t stream) {
-  return dispatch_hd(dt, head_dim_bucket(p.D > p.Dv ? p.D : p.Dv), [&](auto tag, auto hd) {
-    using C = FwdCfg<decltype(tag), decltype(hd)::value>;
-    const dim3 grid(p.B * p.H, (p.L + C::BM - 1) / C::BM);
-    return launch(_attention_fwd_kernel<decltype(tag), C::HD>, grid, dim3(C::NT), C::kSmem, stream, p);
-  });
+  return launch_tiled<FwdCfg>(
+      p, dt, stream, [](auto t, auto hd) { return _attention_fwd_kernel<decltype(t), decltype(hd)::value>; },
+      [&](auto c) { return dim3(p.B * p.H, (p.L + c.BM - 1) / c.BM); });
 }
 
 // Backward step 1: p.delta. Needs B*H*L >= 1.
@@ -889,20 +886,16 @@ inline cudaError_t attention_bwd_delta_launch(const AttnParams& p, DType dt, cud
 
 // Backward step 2: p.dk, p.dv. Needs B*Hkv >= 1, S >= 1 (L may be 0: zeros).
 inline cudaError_t attention_bwd_dkdv_launch(const AttnParams& p, DType dt, cudaStream_t stream) {
-  return dispatch_hd(dt, head_dim_bucket(p.D > p.Dv ? p.D : p.Dv), [&](auto tag, auto hd) {
-    using C = BwdKVCfg<decltype(tag), decltype(hd)::value>;
-    const dim3 grid(p.B * p.Hkv, (p.S + C::BN - 1) / C::BN);
-    return launch(_attention_bwd_dkdv_kernel<decltype(tag), C::HD>, grid, dim3(C::NT), C::kSmem, stream, p);
-  });
+  return launch_tiled<BwdKVCfg>(
+      p, dt, stream, [](auto t, auto hd) { return _attention_bwd_dkdv_kernel<decltype(t), decltype(hd)::value>; },
+      [&](auto c) { return dim3(p.B * p.Hkv, (p.S + c.BN - 1) / c.BN); });
 }
 
 // Backward step 3: p.dq. Needs B*H >= 1, L >= 1 (S may be 0: zeros).
 inline cudaError_t attention_bwd_dq_launch(const AttnParams& p, DType dt, cudaStream_t stream) {
-  return dispatch_hd(dt, head_dim_bucket(p.D > p.Dv ? p.D : p.Dv), [&](auto tag, auto hd) {
-    using C = BwdQCfg<decltype(tag), decltype(hd)::value>;
-    const dim3 grid(p.B * p.H, (p.L + C::BM - 1) / C::BM);
-    return launch(_attention_bwd_dq_kernel<decltype(tag), C::HD>, grid, dim3(C::NT), C::kSmem, stream, p);
-  });
+  return launch_tiled<BwdQCfg>(
+      p, dt, stream, [](auto t, auto hd) { return _attention_bwd_dq_kernel<decltype(t), decltype(hd)::value>; },
+      [&](auto c) { return dim3(p.B * p.H, (p.L + c.BM - 1) / c.BM); });
 }
 
 // Largest dynamic shared memory any kernel of a call needs (checked against the device limit).

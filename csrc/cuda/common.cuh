@@ -3,7 +3,9 @@
 //   nvcc                  the CUDA kernels of llmfast._C (their torch binding at the end of the file),
 //   g++ -DLLMFAST_EMU     the same kernels on the CPU warp emulator (csrc/dev/cuda_emu.h): llmfast._emu,
 //   -DLLMFAST_CUDA_KERNELS_ONLY   kernels and launchers without the binding (csrc/dev scratch programs).
-// Everything CUDA in llmfast lives in namespace llmfast::cuda.
+// Everything CUDA in llmfast lives in namespace llmfast::cuda; each .cu keeps its kernels,
+// helpers and binding in an anonymous namespace inside it, so same-named helpers of two files
+// never meet at link time.
 #pragma once
 #ifdef LLMFAST_EMU
 #include "dev/cuda_emu.h"

@@ -28,6 +28,7 @@
 #include "cuda/common.cuh"
 
 namespace llmfast::cuda {
+namespace {
 
 constexpr int kCeMaxThreads = 512;
 
@@ -261,6 +262,7 @@ inline cudaError_t cross_entropy_bwd_launch(const CeParams& p, DType dt, int64_t
   });
 }
 
+}  // namespace
 }  // namespace llmfast::cuda
 
 #ifndef LLMFAST_CUDA_KERNELS_ONLY

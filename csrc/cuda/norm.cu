@@ -23,6 +23,7 @@
 #include "cuda/common.cuh"
 
 namespace llmfast::cuda {
+namespace {
 
 constexpr int64_t kNormWarpRowMax = 1024;
 constexpr int kNormWarpRowsPerBlock = 8;
@@ -48,6 +49,7 @@ inline int64_t norm_bwd_blocks(const RowLaunch& g, int64_t M, int64_t N, int sms
   return std::max<int64_t>(1, std::min({needed, 2 * int64_t(sms), cap}));
 }
 
+// What the launchers take (the kernels get the fields as arguments).
 struct NormParams {
   const void* x = nullptr;  // [M, N], row stride sx: the input (fwd) or what the forward normalised (bwd)
   const void* r = nullptr;  // [M, N], row stride sr: residual or nullptr (fwd)
@@ -83,16 +85,21 @@ __device__ __forceinline__ T add_round(T x, T r) {
   return from_float<T>(to_float(x) + to_float(r));
 }
 
+// The kernels take NormParams' fields as __restrict__ arguments: read-only data then goes
+// through the non-coherent (LDG.CONSTANT) path.
 template <typename T, bool CENTERED, bool WARP_ROWS>
-__global__ void _norm_fwd_kernel(const NormParams p) {
+__global__ void _norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r, const float* __restrict__ w,
+                                 const float* __restrict__ b, T* __restrict__ y, T* __restrict__ s,
+                                 float* __restrict__ mean, float* __restrict__ rstd, int64_t M, int64_t N, int64_t sx,
+                                 int64_t sr, float eps) {
   __shared__ float smem1[32];
   __shared__ float2 smem2[32];
   const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (row >= p.M) return;  // warp mode: the whole warp leaves; block mode: grid == M
-  const int64_t tid = threadIdx.x, nt = blockDim.x, N = p.N;
-  const T* xr = static_cast<const T*>(p.x) + row * p.sx;
-  const T* rr = p.r ? static_cast<const T*>(p.r) + row * p.sr : nullptr;
-  T* sr_out = p.s ? static_cast<T*>(p.s) + row * N : nullptr;
+  if (row >= M) return;  // warp mode: the whole warp leaves; block mode: grid == M
+  const int64_t tid = threadIdx.x, nt = blockDim.x;
+  const T* xr = x + row * sx;
+  const T* rr = r ? r + row * sr : nullptr;
+  T* sr_out = s ? s + row * N : nullptr;
   const float n = static_cast<float>(N);
 
   // The row as fp32; later passes recompute x + r (an L2 hit) rather than read back s,
@@ -124,24 +131,28 @@ __global__ void _norm_fwd_kernel(const NormParams p) {
     const float2 t = team_reduce<WARP_ROWS>(make_float2(d1, d2), Sum2{}, make_float2(0.f, 0.f), smem2);
     const float dm = __fdiv_rn(t.x, n);
     mu = m0 + dm;
-    rs = rsqrtf(fmaxf(__fdiv_rn(t.y, n) - dm * dm, 0.f) + p.eps);
-    if (tid == 0) p.mean[row] = mu;
+    rs = rsqrtf(fmaxf(__fdiv_rn(t.y, n) - dm * dm, 0.f) + eps);
+    if (tid == 0) mean[row] = mu;
   } else {
-    rs = rsqrtf(team_reduce<WARP_ROWS>(acc, Sum{}, 0.f, smem1) / n + p.eps);
+    rs = rsqrtf(team_reduce<WARP_ROWS>(acc, Sum{}, 0.f, smem1) / n + eps);
   }
-  if (tid == 0) p.rstd[row] = rs;
+  if (tid == 0) rstd[row] = rs;
   // last pass: the output
-  T* yr = static_cast<T*>(p.y) + row * N;
+  T* yr = y + row * N;
   for (int64_t j = tid; j < N; j += nt) {
     float o = (CENTERED ? load(j) - mu : load(j)) * rs;
-    if (p.w) o *= p.w[j];
-    if (CENTERED && p.b) o += p.b[j];
+    if (w) o *= w[j];
+    if (CENTERED && b) o += b[j];
     yr[j] = from_float<T>(o);
   }
 }
 
 template <typename T, bool CENTERED, bool WARP_ROWS>
-__global__ void _norm_bwd_kernel(const NormParams p) {
+__global__ void _norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ ds, const T* __restrict__ x,
+                                 const float* __restrict__ w, const float* __restrict__ mean,
+                                 const float* __restrict__ rstd, T* __restrict__ dx, float* __restrict__ dw_part,
+                                 float* __restrict__ db_part, int64_t M, int64_t N, int64_t sx, int64_t sdy,
+                                 int64_t sds) {
   __shared__ float smem1[32];
   __shared__ float2 smem2[32];
   // Team `team` takes rows team, team + n_teams, ... and owns partial row `team` of
@@ -149,17 +160,16 @@ __global__ void _norm_bwd_kernel(const NormParams p) {
   // only its own columns there, so there are no atomics and no races.
   const int64_t team = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t n_teams = int64_t(gridDim.x) * blockDim.y;
-  const int64_t tid = threadIdx.x, nt = blockDim.x, N = p.N;
-  const float* w = p.w;
-  float* pdw = p.dw_part ? p.dw_part + team * N : nullptr;
-  float* pdb = CENTERED && p.db_part ? p.db_part + team * N : nullptr;
+  const int64_t tid = threadIdx.x, nt = blockDim.x;
+  float* pdw = dw_part ? dw_part + team * N : nullptr;
+  float* pdb = CENTERED && db_part ? db_part + team * N : nullptr;
   const float n = static_cast<float>(N);
   // Block mode has one team per block, so every thread of a block runs the same rows
   // (team_reduce's __syncthreads is uniform).
-  for (int64_t row = team; row < p.M; row += n_teams) {
-    const T* xr = static_cast<const T*>(p.x) + row * p.sx;
-    const T* gr = static_cast<const T*>(p.dy) + row * p.sdy;
-    const float mu = CENTERED ? p.mean[row] : 0.f, rs = p.rstd[row];
+  for (int64_t row = team; row < M; row += n_teams) {
+    const T* xr = x + row * sx;
+    const T* gr = dy + row * sdy;
+    const float mu = CENTERED ? mean[row] : 0.f, rs = rstd[row];
     auto x_hat = [&](int64_t j) { return (CENTERED ? to_float(xr[j]) - mu : to_float(xr[j])) * rs; };
     float a = 0.f, bsum = 0.f;
     for (int64_t j = tid; j < N; j += nt) {
@@ -179,8 +189,8 @@ __global__ void _norm_bwd_kernel(const NormParams p) {
     } else {
       c2 = team_reduce<WARP_ROWS>(bsum, Sum{}, 0.f, smem1) / n;
     }
-    T* dxr = static_cast<T*>(p.dx) + row * N;
-    const T* dsr = p.ds ? static_cast<const T*>(p.ds) + row * p.sds : nullptr;
+    T* dxr = dx + row * N;
+    const T* dsr = ds ? ds + row * sds : nullptr;
     for (int64_t j = tid; j < N; j += nt) {
       const float xh = x_hat(j);
       const float d = to_float(gr[j]);
@@ -230,8 +240,11 @@ inline cudaError_t norm_fwd_launch(const NormParams& p, bool centered, DType dt,
   const RowLaunch g = row_launch(p.N);
   const dim3 grid(static_cast<unsigned>((p.M + g.rows_per_block - 1) / g.rows_per_block));
   return with_kind(dt, centered, g.warp_rows, [&](auto tag, auto c, auto w) {
-    auto* kernel = _norm_fwd_kernel<decltype(tag), decltype(c)::value, decltype(w)::value>;
-    return launch(kernel, grid, dim3(g.threads, g.rows_per_block), 0, stream, p);
+    using T = decltype(tag);
+    auto* kernel = _norm_fwd_kernel<T, decltype(c)::value, decltype(w)::value>;
+    return launch(kernel, grid, dim3(g.threads, g.rows_per_block), 0, stream, static_cast<const T*>(p.x),
+                  static_cast<const T*>(p.r), p.w, p.b, static_cast<T*>(p.y), static_cast<T*>(p.s), p.mean, p.rstd,
+                  p.M, p.N, p.sx, p.sr, p.eps);
   });
 }
 
@@ -241,8 +254,11 @@ inline cudaError_t norm_bwd_launch(const NormParams& p, bool centered, int64_t b
                                    DType dt, cudaStream_t stream) {
   const RowLaunch g = row_launch(p.N);
   cudaError_t err = with_kind(dt, centered, g.warp_rows, [&](auto tag, auto c, auto w) {
-    auto* kernel = _norm_bwd_kernel<decltype(tag), decltype(c)::value, decltype(w)::value>;
-    return launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(g.threads, g.rows_per_block), 0, stream, p);
+    using T = decltype(tag);
+    auto* kernel = _norm_bwd_kernel<T, decltype(c)::value, decltype(w)::value>;
+    return launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(g.threads, g.rows_per_block), 0, stream,
+                  static_cast<const T*>(p.dy), static_cast<const T*>(p.ds), static_cast<const T*>(p.x), p.w, p.mean,
+                  p.rstd, static_cast<T*>(p.dx), p.dw_part, p.db_part, p.M, p.N, p.sx, p.sdy, p.sds);
   });
   const int64_t P = blocks * g.rows_per_block;
   const dim3 sum_grid(static_cast<unsigned>((p.N + 31) / 32)), sum_block(32, 8);
@@ -253,6 +269,7 @@ inline cudaError_t norm_bwd_launch(const NormParams& p, bool centered, int64_t b
   return err;
 }
 
+}  // namespace
 }  // namespace llmfast::cuda
 
 #ifndef LLMFAST_CUDA_KERNELS_ONLY

@@ -16,6 +16,7 @@
 #include "cuda/common.cuh"
 
 namespace llmfast::cuda {
+namespace {
 
 struct MaskArgs {
   const void* ptr = nullptr;
@@ -285,6 +286,7 @@ inline cudaError_t softmax_bwd_launch(const void* dy, const void* y, void* dx, i
   });
 }
 
+}  // namespace
 }  // namespace llmfast::cuda
 
 #ifndef LLMFAST_CUDA_KERNELS_ONLY
