@@ -14,8 +14,8 @@ found, in the toolkit or the nvidia pip wheels; ``LLMFAST_BUILD_EMU=0/1`` forces
 off/on. ``LLMFAST_BUILD_ONLY=_C|_emu`` builds one of the two (e.g. the emulator alone
 while llmfast._C is being rebuilt elsewhere).
 
-Objects persist under ``build/temp-<extension>``, so a repeated ``pip install -e .``
-recompiles only what changed.
+Objects persist under ``build/temp-<extension>[-cuda]``, so a repeated
+``pip install -e .`` recompiles only what changed.
 """
 import glob
 import os
@@ -85,6 +85,12 @@ def _nvidia_include_dirs():
     return sorted(glob.glob(os.path.join(site_nvidia, "cu*", "include")))
 
 
+def _csrc_files():
+    """Every file under csrc/: an extension's `depends`, so that setuptools rebuilds it (and ninja
+    decides what to recompile) when a header changes, not only a listed source."""
+    return sorted(f for f in glob.glob("csrc/**/*", recursive=True) if os.path.isfile(f))
+
+
 def _native_extension(cpp_extension, cuda_home, build_cuda):
     """llmfast._C: the CPU kernels, and the CUDA kernels when build_cuda."""
     isa = _cpu_isa()
@@ -94,16 +100,16 @@ def _native_extension(cpp_extension, cuda_home, build_cuda):
     include_dirs = [os.path.join(ROOT, "csrc")]
     extra = {"cxx": _cpu_flags(isa) + defines}
     if not build_cuda:
-        return cpp_extension.CppExtension("llmfast._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
-                                          extra_link_args=["-fopenmp"])
+        return cpp_extension.CppExtension("llmfast._C", sources, include_dirs=include_dirs, depends=_csrc_files(),
+                                          extra_compile_args=extra, extra_link_args=["-fopenmp"])
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs += _nvidia_include_dirs()  # CUDAExtension adds the toolkit's own
     extra["cxx"].append("-DLLMFAST_WITH_CUDA")
     extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo", "-DLLMFAST_WITH_CUDA", "--expt-relaxed-constexpr",
                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                      "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"] + defines
-    return cpp_extension.CUDAExtension("llmfast._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
-                                       extra_link_args=["-fopenmp"])
+    return cpp_extension.CUDAExtension("llmfast._C", sources, include_dirs=include_dirs, depends=_csrc_files(),
+                                       extra_compile_args=extra, extra_link_args=["-fopenmp"])
 
 
 def _emu_extension(cpp_extension, cuda_include):
@@ -127,7 +133,7 @@ def _emu_extension(cpp_extension, cuda_include):
     # -fno-strict-aliasing: kernels reinterpret rows as 16-byte packs, legal in CUDA, not in ISO C++.
     flags = ["-O2", "-DLLMFAST_EMU", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
     return cpp_extension.CppExtension("llmfast._emu", sources, include_dirs=[os.path.join(ROOT, "csrc"), cuda_include],
-                                      extra_compile_args={"cxx": flags})
+                                      depends=_csrc_files(), extra_compile_args={"cxx": flags})
 
 
 def _extensions():
@@ -167,9 +173,11 @@ def _extensions():
             # pip's editable install (setuptools' editable_wheel) hands build_ext a fresh
             # temporary build_temp each run, so ninja found no objects and every
             # `pip install -e .` recompiled everything (~3 minutes). A persistent folder per
-            # extension lets ninja rebuild only what changed, and keeps the two extensions'
-            # build.ninja files apart.
-            self.build_temp = os.path.join(ROOT, "build", "temp-" + ext.name.rsplit(".", 1)[-1])
+            # extension and flavour (llmfast._C with or without CUDA compiles its CPU files
+            # with other flags) lets ninja rebuild only what changed, and keeps the
+            # extensions' build.ninja files apart.
+            flavour = ext.name.rsplit(".", 1)[-1] + ("-cuda" if any(s.endswith(".cu") for s in ext.sources) else "")
+            self.build_temp = os.path.join(ROOT, "build", "temp-" + flavour)
             super().build_extension(ext)
 
     return ext_modules, BuildExt
