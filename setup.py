@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -189,8 +189,7 @@ def main():
         ext_modules, build_ext = _extensions()
         cmdclass = {"build_ext": build_ext}
     setup(
-        packages=["llmfast", "llmfast.ops", "llmfast.nn", "llmfast.models", "llmfast.kernels",
-                  "llmfast.benchmarks"],
+        packages=find_packages(include=["llmfast", "llmfast.*"]) + ["llmfast.kernels", "llmfast.benchmarks"],
         # Triton kernels and benchmark cases ship inside the package: nothing installs
         # a top-level module named `kernels` or `benchmarks`.
         package_dir={"llmfast.kernels": "kernels", "llmfast.benchmarks": "benchmarks"},
