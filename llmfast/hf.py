@@ -1,14 +1,21 @@
-"""Hugging Face transformers integration: llmfast attention behind ``AttentionInterface``.
+"""Hugging Face transformers integration: attention, Gemma's norm and the causal-LM loss.
 
 transformers (5.x) models look up their attention function by name,
 ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...)``, and
 build their masks with ``ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]``.
 :func:`register` adds ``"llmfast"`` to both; :func:`llmfast.patch` then points a
-model's config at it. Nothing here imports transformers at module import:
-transformers is an optional dependency.
+model's config at it. :class:`OffsetRMSNorm` runs Gemma's ``(1 + weight)`` RMSNorm;
+:func:`causal_lm_class` makes the ``<Family>ForCausalLM`` subclass whose training
+forward takes the loss through ``fused_linear_cross_entropy`` (:data:`CAUSAL_LM_HEADS`
+says how each family's head differs). Nothing here imports transformers at module
+import: transformers is an optional dependency.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -71,3 +78,180 @@ def register() -> None:
     # so the models build their masks the SDPA way. Without a mask entry, transformers
     # would build no mask at all for an unknown implementation and padding would leak.
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+# ----------------------------------------------------------------------------------
+# Norms: Gemma's RMSNorm
+
+
+class OffsetRMSNorm(torch.nn.Module):
+    """Gemma's RMSNorm, ``(x / rms(x)) * (1 + weight)``, run by llmfast's RMSNorm kernel.
+
+    Gemma's semantics exactly: the normalised row and its product with ``1 + weight`` are
+    both computed in fp32 and rounded to the input's dtype once (Llama rounds the
+    normalised row first, then multiplies). The kernel is handed ``1 + weight.float()``, an
+    fp32 [N] tensor, which it reads in fp32 for fp16/bf16 inputs; the addition is part of
+    the autograd graph, so the module's ``weight`` stays the model's Parameter and keeps
+    training. ``state_dict`` keys are Gemma's (``weight``).
+    """
+
+    def __init__(self, weight: torch.nn.Parameter, eps: float):
+        super().__init__()
+        self.weight = weight
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        from llmfast.nn import functional as F
+
+        return F.rms_norm(x, tuple(self.weight.shape), 1.0 + self.weight.float(), self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, scale=1 + weight"
+
+
+# ----------------------------------------------------------------------------------
+# The causal-LM loss: lm_head + cross-entropy through fused_linear_cross_entropy
+
+
+@dataclass(frozen=True)
+class CausalLMHead:
+    """How a family's ``<Family>ForCausalLM.forward`` turns the last hidden state into a loss.
+
+    Every family listed in :data:`CAUSAL_LM_HEADS` computes ``logits = lm_head(hidden)``
+    (bias if the Linear has one), optionally soft-caps them, and takes transformers'
+    ``ForCausalLMLoss``; these are the differences the fused forward reproduces.
+    """
+
+    softcap: Optional[str] = None    # config attribute with the final-logit soft-cap (None: no cap)
+    router_aux: bool = False         # MoE: loss += router_aux_loss_coef * load_balancing_loss_func(...)
+    output: str = "CausalLMOutputWithPast"   # transformers.modeling_outputs class returned
+
+
+# model_type -> its head. Verified by tests/test_patch.py (loss and every gradient match
+# the unpatched model) and tests/test_hf_convergence.py.
+CAUSAL_LM_HEADS = {
+    "llama": CausalLMHead(),
+    "mistral": CausalLMHead(),
+    "mixtral": CausalLMHead(router_aux=True, output="MoeCausalLMOutputWithPast"),
+    "qwen2": CausalLMHead(),
+    "qwen3": CausalLMHead(),
+    "gemma": CausalLMHead(),
+    "gemma2": CausalLMHead(softcap="final_logit_softcapping"),
+    "phi3": CausalLMHead(),
+}
+
+
+def causal_lm_loss(hidden: Tensor, head: torch.nn.Linear, labels: Optional[Tensor], *, softcap: Optional[float] = None,
+                   num_items_in_batch=None, ignore_index: int = -100, shift_labels: Optional[Tensor] = None,
+                   **_unused) -> Tensor:
+    """transformers' ``ForCausalLMLoss(head(hidden), labels, ...)`` without the [tokens, vocab] logits.
+
+    hidden: [B, L, H] (after ``logits_to_keep``); labels: [B, L], shifted here as
+    transformers does (position i predicts labels[i + 1]; the last position is ignored),
+    or ``shift_labels`` [B, L] already shifted. ``num_items_in_batch`` (gradient
+    accumulation): the sum of the token losses divided by it, else their mean over
+    non-ignored tokens. The loss is fp32, as transformers' (it upcasts the logits).
+    """
+    from llmfast.nn import functional as F
+
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    H = hidden.shape[-1]
+    loss = F.fused_linear_cross_entropy(hidden.reshape(-1, H), head.weight, shift_labels.reshape(-1).to(hidden.device),
+                                        head.bias, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
+                                        dtype=torch.float32)
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
+
+
+def _slice_logits_to_keep(hidden: Tensor, logits_to_keep) -> Tensor:
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:  # transformers < 5: the models slice inline, this way
+        index = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden[:, index, :]
+    return slice_logits_to_keep(hidden, logits_to_keep)
+
+
+def _causal_lm_forward(self, *args, **kwargs):
+    """The patched ``<Family>ForCausalLM.forward``.
+
+    Training with labels (``labels`` given, ``self.training`` and grad enabled): the base
+    model runs as usual, then the loss goes through ``fused_linear_cross_entropy``, so the
+    [B, L, vocab] logits never exist; the output's ``logits`` is None then (as Liger's).
+    Anything else (no labels, eval mode, no_grad: generation and evaluation) is the
+    family's own forward, logits included. Forward hooks on ``lm_head`` do not fire on
+    the fused path (it reads ``lm_head.weight``/``bias``, never calls the module).
+    """
+    base = type(self)._llmfast_base
+    try:
+        arguments = dict(_signature(base).bind(self, *args, **kwargs).arguments)
+    except TypeError:  # a bad call: the family's forward raises its own error
+        return base.forward(self, *args, **kwargs)
+    extra = dict(arguments.pop("kwargs", {}))
+    if arguments.get("labels") is None or not (self.training and torch.is_grad_enabled()):
+        return base.forward(self, *args, **kwargs)
+
+    import transformers.modeling_outputs as outputs_mod
+
+    spec = CAUSAL_LM_HEADS[self.config.model_type]
+    arguments.pop("self")
+    labels = arguments.pop("labels")
+    logits_to_keep = arguments.pop("logits_to_keep", 0)
+    return_dict = extra.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    if spec.router_aux and arguments.get("output_router_logits") is None:
+        arguments["output_router_logits"] = self.config.output_router_logits
+
+    # as the family's forward: named arguments and **kwargs to the base model, **kwargs to the loss
+    outputs = getattr(self, self.base_model_prefix)(**arguments, **extra)
+    hidden = _slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+    softcap = getattr(self.config, spec.softcap, None) if spec.softcap else None
+    loss = causal_lm_loss(hidden, self.get_output_embeddings(), labels, softcap=softcap, **extra)
+
+    fields = {}
+    if spec.router_aux and arguments["output_router_logits"]:
+        balance = sys.modules[base.__module__].load_balancing_loss_func
+        aux = balance(outputs.router_logits, self.num_experts, self.num_experts_per_tok,
+                      arguments.get("attention_mask"))
+        loss = loss + self.router_aux_loss_coef * aux.to(loss.device)
+        fields["aux_loss"] = aux
+    cls = getattr(outputs_mod, spec.output)
+    # cache / hidden_states / attentions / router_logits: whatever the base model returned
+    fields.update({k: v for k, v in outputs.items() if k in cls.__dataclass_fields__ and k not in ("logits", "loss")})
+    out = cls(loss=loss, logits=None, **fields)
+    return out if return_dict else out.to_tuple()
+
+
+_SIGNATURES: dict = {}
+_CAUSAL_LM_CLASSES: dict = {}
+
+
+def _signature(base: type) -> inspect.Signature:
+    sig = _SIGNATURES.get(base)
+    if sig is None:  # follows functools.wraps' __wrapped__ through transformers' decorators
+        sig = _SIGNATURES[base] = inspect.signature(base.forward)
+    return sig
+
+
+def causal_lm_class(base: type) -> type:
+    """The subclass of ``base`` (a ``<Family>ForCausalLM``) whose forward is :func:`_causal_lm_forward`.
+
+    One per base class. It keeps the base's name, qualname and module, so
+    ``save_pretrained`` writes the family's architecture name and a pickled model
+    loads as the plain family class.
+    """
+    cls = _CAUSAL_LM_CLASSES.get(base)
+    if cls is None:
+        forward = functools.wraps(base.forward)(_causal_lm_forward)
+        del forward.__wrapped__  # our signature is (*args, **kwargs): bound against the base's inside
+        cls = type(base.__name__, (base,), {"forward": forward, "_llmfast_base": base, "__module__": base.__module__,
+                                            "__qualname__": base.__qualname__,
+                                            "__doc__": f"{base.__name__} with llmfast's fused causal-LM loss."})
+        _CAUSAL_LM_CLASSES[base] = cls
+    return cls

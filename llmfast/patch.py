@@ -20,6 +20,12 @@ Three ways to carry a module over (the ``carry`` column):
     ``llmfast.nn.RMSNorm``): a new module is built from the old one's
     configuration and *shares* its parameter objects, then takes the old one's
     place in every parent that holds it. Undo puts the old module back.
+``subclass``
+    A Hugging Face ``<Family>ForCausalLM`` is retyped to a subclass of its own class
+    (made once per class by :func:`llmfast.hf.causal_lm_class`, same name) whose
+    training forward with ``labels`` takes the loss through
+    ``fused_linear_cross_entropy`` instead of materialising the logits. The object
+    keeps everything it has; undo sets the class back.
 ``attn_implementation``
     Hugging Face attention is a function looked up by name at every call:
     ``"llmfast"`` is registered with transformers' ``AttentionInterface`` (and
@@ -70,7 +76,7 @@ class HFClass:
     that one row covers a family of identical classes (``LlamaRMSNorm``,
     ``MistralRMSNorm``, ...). Only families whose class follows the convention the
     ``carry`` function assumes belong in the pattern (Gemma's RMSNorm scales by
-    ``1 + weight`` and is deliberately absent).
+    ``1 + weight``: it has its own row).
     """
 
     pattern: str
@@ -99,6 +105,22 @@ class HFModel:
         return f"transformers models of type {'/'.join(self.model_types)}"
 
 
+@dataclass(frozen=True)
+class HFCausalLM:
+    """A transformers ``<Family>ForCausalLM`` of a listed ``config.model_type``, not yet patched."""
+
+    model_types: tuple
+
+    def matches(self, module) -> bool:
+        t = type(module)
+        return (t.__module__.startswith("transformers.") and t.__name__.endswith("ForCausalLM")
+                and "_llmfast_base" not in t.__dict__
+                and getattr(getattr(module, "config", None), "model_type", None) in self.model_types)
+
+    def __str__(self):
+        return f"transformers <Family>ForCausalLM of type {'/'.join(self.model_types)}"
+
+
 # ----------------------------------------------------------------------------------
 # The table
 
@@ -107,9 +129,11 @@ class HFModel:
 class Rule:
     op: str                  # llmfast op family, the unit of ``ops=``
     source: object           # a matcher: TorchClass / HFClass / HFModel
-    target: str              # ``llmfast.nn.<target>`` for modules, the implementation name for attention
-    carry: str               # "retype" | "rebuild" | "attn_implementation"
-    build: Optional[Callable] = None   # rebuild: old module -> new module sharing its parameters
+    target: str              # ``llmfast.nn.<target>`` (or ``module:Class``) for modules, the implementation
+                             # name for attention, the op for a subclass
+    carry: str               # "retype" | "rebuild" | "subclass" | "attn_implementation"
+    build: Optional[Callable] = None   # rebuild: (old module, target class) -> new module sharing its parameters;
+                                       # subclass: module -> the class it becomes
 
 
 def _hf_rms_norm(old, target_cls):
@@ -124,10 +148,25 @@ def _hf_rms_norm(old, target_cls):
     return new
 
 
+def _hf_offset_rms_norm(old, target_cls):
+    """``GemmaRMSNorm(dim, eps)``: ``(1 + weight) * x / sqrt(mean(x^2) + eps)``, weight and eps as named."""
+    return target_cls(old.weight, old.eps)
+
+
+def _hf_causal_lm_class(module):
+    from llmfast import hf
+
+    return hf.causal_lm_class(type(module))
+
+
 # Families verified by tests/test_patch.py with tiny random configs (logits and every
 # parameter's gradient match the unpatched model). GPT-2's norms are torch.nn.LayerNorm,
 # covered by the torch row.
-HF_RMS_NORM_FAMILIES = ("Llama", "Mistral", "Mixtral", "Qwen2", "Qwen3")
+# Qwen3's q_norm/k_norm (over the head dim) are Qwen3RMSNorms too.
+HF_RMS_NORM_FAMILIES = ("Llama", "Mistral", "Mixtral", "Qwen2", "Qwen3", "Phi3")
+HF_OFFSET_RMS_NORM_FAMILIES = ("Gemma", "Gemma2")
+# The causal-LM loss: llmfast.hf.CAUSAL_LM_HEADS (model types whose head the fused forward reproduces)
+HF_CAUSAL_LM_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 HF_ATTENTION_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt2")
 
 RULES: tuple = (
@@ -138,6 +177,10 @@ RULES: tuple = (
     Rule("attention", TorchClass("MultiheadAttention"), "MultiheadAttention", "retype"),
     Rule("transformer_encoder_layer", TorchClass("TransformerEncoderLayer"), "TransformerEncoderLayer", "retype"),
     Rule("rms_norm", HFClass(rf"({'|'.join(HF_RMS_NORM_FAMILIES)})RMSNorm"), "RMSNorm", "rebuild", _hf_rms_norm),
+    Rule("rms_norm", HFClass(rf"({'|'.join(HF_OFFSET_RMS_NORM_FAMILIES)})RMSNorm"), "llmfast.hf:OffsetRMSNorm",
+         "rebuild", _hf_offset_rms_norm),
+    Rule("fused_linear_cross_entropy", HFCausalLM(HF_CAUSAL_LM_MODEL_TYPES), "fused_linear_cross_entropy", "subclass",
+         _hf_causal_lm_class),
     Rule("attention", HFModel(HF_ATTENTION_MODEL_TYPES), "llmfast", "attn_implementation"),
 )
 
@@ -219,8 +262,14 @@ def _select(ops) -> list:
 
 
 def _target_module_class(name: str):
+    """``llmfast.nn.<name>``, or ``Class`` of module ``mod`` for ``"mod:Class"``."""
+    import importlib
+
     import llmfast.nn
 
+    if ":" in name:
+        mod, _, cls = name.partition(":")
+        return getattr(importlib.import_module(mod), cls, None)
     return getattr(llmfast.nn, name, None)
 
 
@@ -234,7 +283,8 @@ def patch(model: torch.nn.Module, ops: Optional[Iterable[str]] = None) -> PatchH
 
     ``ops``: the op families to patch (default: all of :data:`OPS`): ``"softmax"``,
     ``"log_softmax"``, ``"layer_norm"``, ``"rms_norm"``, ``"attention"``,
-    ``"transformer_encoder_layer"``.
+    ``"transformer_encoder_layer"``, ``"fused_linear_cross_entropy"`` (a Hugging Face
+    causal LM's training loss; the output's ``logits`` is None when it took the loss).
 
     >>> handle = llmfast.patch(model)
     >>> print(handle.report())
@@ -253,17 +303,18 @@ def patch(model: torch.nn.Module, ops: Optional[Iterable[str]] = None) -> PatchH
         if path:
             parent_path, _, name = path.rpartition(".")
             parent = model.get_submodule(parent_path)
+        # Every matching row applies: a causal LM is both a loss row's and the attention row's
+        # match (the rows replacing modules match disjoint classes).
         for rule in rules:
             if rule.source.matches(module):
                 plan.append((rule, path, parent, name, module))
-                break
 
     retyped: dict = {}   # id(module) -> llmfast class, so a shared module is retyped once
     rebuilt: dict = {}   # id(module) -> replacement, so a shared module maps to one replacement
     configs: dict = {}   # id(config) -> config, so a config shared by nested models is set once
     for rule, path, parent, name, module in plan:
         source = _type_name(module)
-        if rule.carry in ("retype", "rebuild") and "forward" in module.__dict__:
+        if rule.carry in ("retype", "rebuild", "subclass") and "forward" in module.__dict__:
             handle.skipped.append((path, f"{source}.forward is replaced on the instance (hooks such as "
                                          "accelerate's); swapping its class would not reach it"))
             continue
@@ -300,6 +351,14 @@ def patch(model: torch.nn.Module, ops: Optional[Iterable[str]] = None) -> PatchH
             setattr(parent, name, new)
             handle._undo.append(lambda p=parent, n=name, m=module: setattr(p, n, m))
             handle.swapped.append(Swap(path, source, _type_name(new), rule.carry))
+        elif rule.carry == "subclass":
+            if id(module) not in retyped:
+                old_cls = type(module)
+                target = rule.build(module)
+                module.__class__ = target
+                retyped[id(module)] = target
+                handle._undo.append(lambda m=module, c=old_cls: setattr(m, "__class__", c))
+            handle.swapped.append(Swap(path, source, f"{source} with llmfast {rule.target} loss", rule.carry))
         elif rule.carry == "attn_implementation":
             from llmfast import hf
 

@@ -206,13 +206,16 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 
 
 def fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean",
-                               label_smoothing=0.0, class_weight=None):
+                               label_smoothing=0.0, class_weight=None, softcap=0.0):
     """``cross_entropy(hidden @ weight.T + bias, target)`` with the vocabulary last.
 
-    hidden: [..., H]; weight: [V, H]; bias: [V]; target: [...]. The logits [..., V] exist
-    in full here: this is the unfused definition.
+    hidden: [..., H]; weight: [V, H]; bias: [V]; target: [...]; softcap c > 0 takes the
+    loss of ``c * tanh(logits / c)`` (Gemma 2's final-logit soft-capping). The logits
+    [..., V] exist in full here: this is the unfused definition.
     """
     logits = torch.nn.functional.linear(hidden, weight, bias)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
     loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), class_weight, ignore_index,
                          reduction, label_smoothing)
     return loss.reshape(target.shape) if reduction == "none" else loss

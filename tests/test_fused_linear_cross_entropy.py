@@ -55,6 +55,36 @@ def test_smoothing_class_weight_no_bias(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_softcap(backend, dtype, reduction):
+    # Gemma 2's final-logit soft-capping: the loss of c * tanh(logits / c). A small cap
+    # (3, logits of size ~3) so that tanh is far from linear and a missing 1 - tanh^2
+    # factor in the gradients would fail; 'none' takes the recompute path.
+    h, w, t, b = _inputs(N=21, V=300, dtype=dtype)
+    h = h * 2
+    _check(lambda h, w, t, b: F.fused_linear_cross_entropy(h, w, t, b, reduction=reduction, chunk_size=8,
+                                                           softcap=3.0, label_smoothing=0.1), [h, w, t, b], backend)
+
+
+def test_softcap_matches_torch_and_dtype_option():
+    h, w, t, b = (x.double() if x.is_floating_point() else x for x in _inputs(N=9, V=40))
+    ref = TF.cross_entropy(torch.tanh(TF.linear(h, w, b) / 5.0) * 5.0, t)
+    torch.testing.assert_close(F.fused_linear_cross_entropy(h, w, t, b, softcap=5.0), ref)
+    torch.testing.assert_close(F.fused_linear_cross_entropy(h, w, t, b, softcap=0.0),
+                               F.fused_linear_cross_entropy(h, w, t, b))
+    hb, wb, bb = h.bfloat16(), w.bfloat16(), b.bfloat16()
+    loss = F.fused_linear_cross_entropy(hb, wb, t, bb, dtype=torch.float32)
+    assert loss.dtype == torch.float32 and F.fused_linear_cross_entropy(hb, wb, t, bb).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="softcap"):
+        F.fused_linear_cross_entropy(h, w, t, b, softcap=-1.0)
+    with pytest.raises(TypeError, match="softcap"):
+        F.fused_linear_cross_entropy(h, w, t, b, softcap="30")
+    with pytest.raises(TypeError, match="dtype"):
+        F.fused_linear_cross_entropy(h, w, t, b, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_dtypes(backend, dtype):
     h, w, t, b = _inputs(N=21, H=64, V=400, dtype=dtype)
@@ -147,12 +177,14 @@ def test_opcheck(backend):
     h, w, t, b = _inputs(N=11, V=50)
     cw = torch.rand(50, device=DEVICE)
     hg, wg, bg = (x.clone().requires_grad_(True) for x in (h, w, b))
-    for args in ((hg, wg, bg, t, None, -100, 0.0, "mean", 7, 4, backend),    # grads in forward
-                 (hg, wg, None, t, cw, -100, 0.1, "none", 0, 4, backend)):  # 'none': recompute in backward
+    for args in ((hg, wg, bg, t, None, -100, 0.0, 0.0, "mean", 7, 4, backend),    # grads in forward
+                 (hg, wg, bg, t, None, -100, 0.0, 2.0, "sum", 7, 4, backend),     # soft-capped
+                 (hg, wg, None, t, cw, -100, 0.1, 0.0, "none", 0, 4, backend)):  # 'none': recompute in backward
         torch.library.opcheck(fused_linear_cross_entropy_fwd, args)
-    _, lse, *_ = fused_linear_cross_entropy_fwd(h, w, b, t, None, -100, 0.0, "none", 0, 4, backend)
-    torch.library.opcheck(fused_linear_cross_entropy_bwd,
-                          (torch.randn(11, device=DEVICE), h, w, b, t, None, lse, -100, 0.0, 7, 4, backend))
+    for softcap in (0.0, 2.0):
+        _, lse, *_ = fused_linear_cross_entropy_fwd(h, w, b, t, None, -100, 0.0, softcap, "none", 0, 4, backend)
+        torch.library.opcheck(fused_linear_cross_entropy_bwd, (torch.randn(11, device=DEVICE), h, w, b, t, None, lse,
+                                                               -100, 0.0, softcap, 7, 4, backend))
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="cpu backend")

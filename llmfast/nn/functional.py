@@ -470,7 +470,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
 
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
                                ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                               chunk_size: Optional[int] = None, *, class_weight: Optional[Tensor] = None) -> Tensor:
+                               chunk_size: Optional[int] = None, *, class_weight: Optional[Tensor] = None,
+                               softcap: Optional[float] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
     r"""``cross_entropy(hidden @ weight.T + bias, target)`` without ever holding the logits.
 
     Args:
@@ -483,6 +484,12 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
             at least 256 rows). Peak extra memory is one [chunk_size, V] logits buffer
             plus the parameter-sized gradients, never [N, V].
         class_weight (keyword): optional per-class weights [V] (``cross_entropy``'s ``weight``).
+        softcap (keyword): c > 0 takes the loss of ``c * tanh(logits / c)`` instead of the
+            logits (Gemma 2's ``final_logit_softcapping``), computed in the logits' dtype
+            as the unfused model does; None (or 0) applies no cap.
+        dtype (keyword): the loss's dtype (default: hidden's; float32 under autocast). The
+            loss is accumulated in fp32 either way: ``dtype=torch.float32`` returns it
+            without rounding to fp16/bf16 (Hugging Face's losses are fp32).
 
     Gradients flow to ``hidden``, ``weight`` and ``bias``. With 'mean'/'sum' they are
     computed chunk by chunk during the forward (no second projection in backward); with
@@ -518,8 +525,16 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"{name}(): chunk_size must be a positive int or None, got {chunk_size!r}")
     _check_class_weight(name, class_weight, V, hidden.device)
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"{name}(): softcap must be a float or None, not {type(softcap).__name__}")
+        if not (softcap >= 0 and math.isfinite(softcap)):
+            raise ValueError(f"{name}(): softcap must be a finite number >= 0 (0 or None: no cap), got {softcap}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"{name}(): dtype must be a floating point torch.dtype or None, got {dtype!r}")
     return flce_op.fused_linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_index, reduction,
-                                              float(label_smoothing), chunk_size, _loss_dtype(hidden))
+                                              float(label_smoothing), chunk_size, dtype or _loss_dtype(hidden),
+                                              float(softcap or 0.0))
 
 
 def perplexity(input: Tensor, target: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:

@@ -11,6 +11,11 @@ the gradients:
     grad_weight       += dlogits.T @ hidden[chunk]     [V, H], accumulated in fp32
     grad_bias         += dlogits.sum(0)                [V],    accumulated in fp32
 
+With ``softcap`` c > 0 (Gemma 2's final-logit soft-capping) the loss is taken of
+``c * tanh(logits / c)``: the cap is applied where each chunk's logits are formed, and
+the chunk's dlogits are multiplied by ``1 - tanh^2`` before the two matmuls (the tanh
+is kept in a second [chunk, V] buffer, since the loss kernel overwrites the first).
+
 So the gradients are computed during the forward (the Liger approach: no second
 projection in backward) and saved; backward scales them by the incoming scalar
 gradient (times 1/sum of target weights for 'mean'). This needs the loss to be a sum over
@@ -74,14 +79,28 @@ def _loss_kernels(which: str, device_type: str):
     return tuple(k.on(which, device_type) for k in (cross_entropy_fwd, cross_entropy_fwd_grad, cross_entropy_bwd))
 
 
-def _logits_into(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """buf[:n] = h @ weight.T (+ bias); returns that [n, V] view (contiguous)."""
+def _logits_into(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: float,
+                 tanh_buf: Optional[Tensor] = None) -> Tensor:
+    """buf[:n] = h @ weight.T (+ bias), soft-capped to c * tanh(. / c) when softcap = c > 0;
+    returns that [n, V] view (contiguous). tanh_buf[:n] receives the tanh when given."""
     out = buf[: h.shape[0]]
     if bias is None:
         torch.mm(h, weight.t(), out=out)
     else:
         torch.addmm(bias, h, weight.t(), out=out)
+    if softcap:
+        # In the logits' dtype, op by op, as the unfused model computes it (Gemma 2: / c, tanh, * c).
+        th = out if tanh_buf is None else torch.div(out, softcap, out=tanh_buf[: h.shape[0]])
+        if tanh_buf is None:
+            th.div_(softcap)
+        th.tanh_()
+        torch.mul(th, softcap, out=out)
     return out
+
+
+def _uncap_(dl: Tensor, th: Tensor) -> Tensor:
+    """dl *= d(c tanh(x/c))/dx = 1 - tanh^2 (th holds the tanh; it is overwritten)."""
+    return dl.mul_(th.square_().neg_().add_(1))
 
 
 def _accumulate(dl: Tensor, h: Tensor, weight: Tensor, gh_rows: Optional[Tensor], gw: Optional[Tensor],
@@ -114,9 +133,10 @@ def _grads_fake(hidden, weight, bias, grad_mask):
 @torch.library.custom_op("llmfast::fused_linear_cross_entropy_fwd", mutates_args=())
 def fused_linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                                    class_weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
-                                   reduction: str, grad_mask: int, chunk_size: int, backend: str
+                                   softcap: float, reduction: str, grad_mask: int, chunk_size: int, backend: str
                                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """hidden [N, H], weight [V, H], bias [V]?, target [N] int64, class_weight [C] acc dtype.
+    """hidden [N, H], weight [V, H], bias [V]?, target [N] int64, class_weight [C] acc dtype;
+    softcap: c > 0 caps the logits to c * tanh(logits / c), 0 leaves them alone.
 
     Returns (loss, lse [N, 2], grad_hidden, grad_weight, grad_bias): loss is reduced
     ('mean' | 'sum': a scalar; 'none': [N]) in the accumulation dtype; the gradients are
@@ -134,13 +154,16 @@ def fused_linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optiona
     gw = weight.new_zeros(V, H, dtype=acc) if grad_mask & GRAD_WEIGHT else None
     gb = weight.new_zeros(V, dtype=acc) if (grad_mask & GRAD_BIAS and bias is not None) else None
     if N > 0:
-        buf = hidden.new_empty(min(chunk_size, N), V)  # the only [chunk, V] tensor, reused by every chunk
+        buf = hidden.new_empty(min(chunk_size, N), V)  # the only [chunk, V] tensor (two with softcap), reused
+        tanh_buf = torch.empty_like(buf) if softcap and grad_mask else None
         for n0 in range(0, N, chunk_size):
             n1 = min(N, n0 + chunk_size)
             h, t = hidden[n0:n1], target[n0:n1]
-            logits = _logits_into(buf, h, weight, bias)
+            logits = _logits_into(buf, h, weight, bias, softcap, tanh_buf)
             if grad_mask:
                 l, e = fwd_grad(logits, t, class_weight, ignore_index, label_smoothing)  # logits := dlogits
+                if softcap:
+                    _uncap_(logits, tanh_buf[: n1 - n0])
                 _accumulate(logits, h, weight, None if gh is None else gh[n0:n1], gw, gb)
             else:
                 l, e = fwd(logits, t, class_weight, ignore_index, label_smoothing)
@@ -151,8 +174,8 @@ def fused_linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optiona
 
 
 @fused_linear_cross_entropy_fwd.register_fake
-def _fwd_fake(hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction, grad_mask,
-              chunk_size, backend):
+def _fwd_fake(hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, softcap, reduction,
+              grad_mask, chunk_size, backend):
     N, H = hidden.shape
     acc = acc_dtype(hidden.dtype)
     loss = hidden.new_empty(N, dtype=acc) if reduction == "none" else hidden.new_empty((), dtype=acc)
@@ -162,7 +185,8 @@ def _fwd_fake(hidden, weight, bias, target, class_weight, ignore_index, label_sm
 @torch.library.custom_op("llmfast::fused_linear_cross_entropy_bwd", mutates_args=())
 def fused_linear_cross_entropy_bwd(grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                    target: Tensor, class_weight: Optional[Tensor], lse: Tensor, ignore_index: int,
-                                   label_smoothing: float, grad_mask: int, chunk_size: int, backend: str
+                                   label_smoothing: float, softcap: float, grad_mask: int, chunk_size: int,
+                                   backend: str
                                    ) -> tuple[Tensor, Tensor, Tensor]:
     """The recompute path: gradients from a per-row grad_rows [N] (acc dtype), chunk by chunk."""
     N, H = hidden.shape
@@ -177,28 +201,30 @@ def fused_linear_cross_entropy_bwd(grad_rows: Tensor, hidden: Tensor, weight: Te
         for n0 in range(0, N, chunk_size):
             n1 = min(N, n0 + chunk_size)
             h = hidden[n0:n1]
-            logits = _logits_into(buf, h, weight, bias)
+            logits = _logits_into(buf, h, weight, bias, softcap)
             dl = bwd(grad_rows[n0:n1], logits, target[n0:n1], class_weight, lse[n0:n1], ignore_index,
                      label_smoothing)
+            if softcap:  # the capped logits are no longer needed: they become the tanh
+                _uncap_(dl, logits.div_(softcap))
             _accumulate(dl, h, weight, None if gh is None else gh[n0:n1], gw, gb)
     return (_or_empty(gh, hidden), _or_empty(gw, hidden, weight.dtype),
             _or_empty(gb, hidden, None if bias is None else bias.dtype))
 
 
 @fused_linear_cross_entropy_bwd.register_fake
-def _bwd_fake(grad_rows, hidden, weight, bias, target, class_weight, lse, ignore_index, label_smoothing, grad_mask,
-              chunk_size, backend):
+def _bwd_fake(grad_rows, hidden, weight, bias, target, class_weight, lse, ignore_index, label_smoothing, softcap,
+              grad_mask, chunk_size, backend):
     return _grads_fake(hidden, weight, bias, grad_mask)
 
 
 def _setup_context(ctx, inputs, output):
-    (hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction, grad_mask, chunk_size,
-     backend) = inputs
+    (hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, softcap, reduction, grad_mask,
+     chunk_size, backend) = inputs
     loss, lse, gh, gw, gb = output
     ctx.mark_non_differentiable(lse, gh, gw, gb)
     ctx.grad_mask, ctx.reduction, ctx.has_bias = grad_mask, reduction, bias is not None
-    ctx.ignore_index, ctx.label_smoothing, ctx.chunk_size, ctx.backend = (ignore_index, label_smoothing, chunk_size,
-                                                                          backend)
+    ctx.ignore_index, ctx.label_smoothing, ctx.softcap = ignore_index, label_smoothing, softcap
+    ctx.chunk_size, ctx.backend = chunk_size, backend
     # d loss / d(sum of rows): 1, or 1/sum of target weights for 'mean'. When every
     # target is ignored that sum is 0 and the loss NaN, but (as in torch) the gradient is
     # 0, not 0 * (1/0): the scale is 0 then.
@@ -234,12 +260,12 @@ def _backward(ctx, grad_loss, _g_lse, _g_gh, _g_gw, _g_gb):
         rows = rows if ctx.reduction == "none" else rows.expand(hidden.shape[0])
         mask = (GRAD_HIDDEN if want[0] else 0) | (GRAD_WEIGHT if want[1] else 0) | (GRAD_BIAS if want[2] else 0)
         gh, gw, gb = fused_linear_cross_entropy_bwd(rows.contiguous(), hidden, weight, bias, target, class_weight,
-                                                    lse, ctx.ignore_index, ctx.label_smoothing, mask,
+                                                    lse, ctx.ignore_index, ctx.label_smoothing, ctx.softcap, mask,
                                                     ctx.chunk_size, ctx.backend)
         dh = gh if mask & GRAD_HIDDEN else None
         dw = gw if mask & GRAD_WEIGHT else None
         db = gb if (mask & GRAD_BIAS and ctx.has_bias) else None
-    return dh, dw, db, None, None, None, None, None, None, None, None
+    return dh, dw, db, None, None, None, None, None, None, None, None, None
 
 
 fused_linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -251,13 +277,15 @@ fused_linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup
 
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                                class_weight: Optional[Tensor], ignore_index: int, reduction: str,
-                               label_smoothing: float, chunk_size: Optional[int], out_dtype: torch.dtype) -> Tensor:
-    """hidden [..., H], weight [V, H], target [...] class indices, bias [V]?, class_weight [V]?;
-    arguments checked by the caller. Returns the loss in ``out_dtype`` (shaped like target for 'none')."""
+                               label_smoothing: float, chunk_size: Optional[int], out_dtype: torch.dtype,
+                               softcap: float = 0.0) -> Tensor:
+    """hidden [..., H], weight [V, H], target [...] class indices, bias [V]?, class_weight [V]?,
+    softcap >= 0 (0: none); arguments checked by the caller. Returns the loss in ``out_dtype``
+    (shaped like target for 'none')."""
     which = backends.resolve("fused_linear_cross_entropy", hidden)
     if which == "torch":
         return reference.fused_linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction,
-                                                    label_smoothing, class_weight)
+                                                    label_smoothing, class_weight, softcap).to(out_dtype)
     H = hidden.shape[-1]
     h = hidden.reshape(-1, H).contiguous()
     t = target.reshape(-1).to(torch.int64).contiguous()
@@ -270,7 +298,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
     if torch.is_grad_enabled() and reduction != "none":
         grad_mask = ((GRAD_HIDDEN if h.requires_grad else 0) | (GRAD_WEIGHT if w.requires_grad else 0)
                      | (GRAD_BIAS if b is not None and b.requires_grad else 0))
-    loss, *_ = fused_linear_cross_entropy_fwd(h, w, b, t, cw, int(ignore_index), float(label_smoothing), reduction,
-                                              grad_mask, chunk, which)
+    loss, *_ = fused_linear_cross_entropy_fwd(h, w, b, t, cw, int(ignore_index), float(label_smoothing),
+                                              float(softcap), reduction, grad_mask, chunk, which)
     loss = loss.to(out_dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss
