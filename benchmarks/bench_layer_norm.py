@@ -14,6 +14,7 @@ OP = "layer_norm"
 cases, providers, work, setup, reference = NormBench(
     torch_norm=lambda x, w, b: torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b),
     llmfast_norm=lambda x, w, b, residual=None: LF.layer_norm(x, (x.shape[-1],), w, b, residual=residual),
+    llmfast_norm_=lambda x, w, b, r, out: LF.layer_norm_(x, (x.shape[-1],), w, b, residual=r, out=out),
     params=("w", "b"),
 ).module_api()
 

@@ -1,7 +1,7 @@
 """RMSNorm, and the fused residual add + RMSNorm: cases, providers, bytes moved.
 
 torch: ``F.rms_norm`` (and ``s = x + r; F.rms_norm(s)`` for the residual kind), eps
-1e-6 as Llama uses; llmfast: ``llmfast.nn.functional.rms_norm(..., residual=r)``.
+1e-6 as Llama uses; llmfast: ``llmfast.nn.functional.rms_norm(..., residual=r)`` (and ``rms_norm_`` in place).
 Cases, modes and the bytes formula are shared with LayerNorm (benchmarks/_norm.py).
 """
 import torch
@@ -14,6 +14,7 @@ OP = "rms_norm"
 cases, providers, work, setup, reference = NormBench(
     torch_norm=lambda x, w, b: torch.nn.functional.rms_norm(x, (x.shape[-1],), w, 1e-6),
     llmfast_norm=lambda x, w, b, residual=None: LF.rms_norm(x, (x.shape[-1],), w, 1e-6, residual=residual),
+    llmfast_norm_=lambda x, w, b, r, out: LF.rms_norm_(x, (x.shape[-1],), w, 1e-6, residual=r, out=out),
     params=("w",),
 ).module_api()
 

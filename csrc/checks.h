@@ -112,6 +112,17 @@ inline std::pair<Tensor, Tensor> check_norm_fwd(const char* op, const Tensor& in
   return {acc_param(op, "weight", weight, input), acc_param(op, "bias", bias, input)};
 }
 
+// norm_add_'s (the in-place variant): input, residual and out [M, N] rows of one dtype and
+// device (residual and out optional); the parameters as for norm_fwd.
+inline std::pair<Tensor, Tensor> check_norm_add(const char* op, const Tensor& input,
+                                                const std::optional<Tensor>& residual,
+                                                const std::optional<Tensor>& out,
+                                                const std::optional<Tensor>& weight,
+                                                const std::optional<Tensor>& bias, bool centered) {
+  if (defined(out)) check_rows_like(op, "out", *out, input);
+  return check_norm_fwd(op, input, residual, weight, bias, centered);
+}
+
 // norm_bwd's: x [M, N] rows; grad_out like x; grad_summed None, empty or like x; mean [M]
 // (centered) and rstd [M] in the accumulation dtype; bias_grad only when centered. Returns the
 // weight as acc_param does.

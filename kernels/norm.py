@@ -76,6 +76,16 @@ def _load_input(X_ptr, R_ptr, S_ptr, x_off, r_off, s_off, mask, HAS_RES: tl.cons
 
 
 @triton.jit
+def _reload(X_ptr, S_ptr, x_off, s_off, mask, HAS_RES: tl.constexpr):
+    """A streamed row's later passes: x, or the s the first pass stored (one read, not two,
+    and right when s overwrote r in place). The chunks of every pass share one layout, so
+    each thread reads back what it stored itself."""
+    if HAS_RES:
+        return tl.load(S_ptr + s_off, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(X_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _affine(y, W_ptr, B_ptr, c, cm, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     if HAS_W:
         y = y * tl.load(W_ptr + c, mask=cm, other=0.0).to(tl.float32)
@@ -86,10 +96,14 @@ def _affine(y, W_ptr, B_ptr, c, cm, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
 
 @triton.jit
 def _norm_fwd_kernel(X_ptr, R_ptr, W_ptr, B_ptr, Y_ptr, S_ptr, Mean_ptr, Rstd_ptr,
-                     M, N, stride_xm, stride_rm, eps,
+                     M, N, stride_xm, stride_rm, stride_ym, stride_sm, eps,
                      CENTERED: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                     SINGLE_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # x, r: [M, N] rows at stride_xm / stride_rm; y, s: [M, N] contiguous; mean, rstd: [M] fp32
+                     HAS_STATS: tl.constexpr, SINGLE_PASS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    # x, r, y, s: [M, N] rows at their row strides; mean, rstd: [M] fp32 (HAS_STATS). The
+    # in-place variant (norm_add_) passes S = R and Y = X or another buffer: a program reads
+    # each element before it writes it, and the streamed path's later passes read s back
+    # rather than x + r (r is gone by then).
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_PASS:
@@ -98,7 +112,7 @@ def _norm_fwd_kernel(X_ptr, R_ptr, W_ptr, B_ptr, Y_ptr, S_ptr, Mean_ptr, Rstd_pt
         col_ok = cols < N
         mask = row_ok[:, None] & col_ok[None, :]
         x = _load_input(X_ptr, R_ptr, S_ptr, rows[:, None] * stride_xm + cols[None, :],
-                        rows[:, None] * stride_rm + cols[None, :], rows[:, None] * N + cols[None, :], mask,
+                        rows[:, None] * stride_rm + cols[None, :], rows[:, None] * stride_sm + cols[None, :], mask,
                         HAS_RES, True)
         if CENTERED:
             m0 = tl.sum(x, axis=1) / N
@@ -110,24 +124,27 @@ def _norm_fwd_kernel(X_ptr, R_ptr, W_ptr, B_ptr, Y_ptr, S_ptr, Mean_ptr, Rstd_pt
             var = tl.maximum(tl.sum(d * d, axis=1) / N - d1 * d1, 0.0)
             rstd = 1.0 / tl.sqrt(var + eps)
             y = (x - mean[:, None]) * rstd[:, None]
-            tl.store(Mean_ptr + rows, mean, mask=row_ok)
+            if HAS_STATS:
+                tl.store(Mean_ptr + rows, mean, mask=row_ok)
         else:
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
             y = x * rstd[:, None]
         y = _affine(y, W_ptr, B_ptr, cols[None, :], col_ok[None, :], HAS_W, HAS_B)
-        tl.store(Y_ptr + rows[:, None] * N + cols[None, :], to_dtype(y, Y_ptr.dtype.element_ty), mask=mask)
-        tl.store(Rstd_ptr + rows, rstd, mask=row_ok)
+        tl.store(Y_ptr + rows[:, None] * stride_ym + cols[None, :], to_dtype(y, Y_ptr.dtype.element_ty), mask=mask)
+        if HAS_STATS:
+            tl.store(Rstd_ptr + rows, rstd, mask=row_ok)
     else:
         # one row per program; the row is streamed for its statistics (LayerNorm: sum, then
         # moments), then once more for the output
         row = pid.to(tl.int64)
         x_row = row * stride_xm
         r_row = row * stride_rm
-        o_row = row * N
+        s_row = row * stride_sm
+        y_row = row * stride_ym
         acc = tl.zeros([BLOCK_N], tl.float32)
         for start in range(0, N, BLOCK_N):
             c = start + cols
-            x = _load_input(X_ptr, R_ptr, S_ptr, x_row + c, r_row + c, o_row + c, c < N, HAS_RES, True)
+            x = _load_input(X_ptr, R_ptr, S_ptr, x_row + c, r_row + c, s_row + c, c < N, HAS_RES, True)
             if CENTERED:
                 acc += x
             else:
@@ -139,7 +156,7 @@ def _norm_fwd_kernel(X_ptr, R_ptr, W_ptr, B_ptr, Y_ptr, S_ptr, Mean_ptr, Rstd_pt
             acc2 = tl.zeros([BLOCK_N], tl.float32)
             for start in range(0, N, BLOCK_N):
                 c = start + cols
-                x = _load_input(X_ptr, R_ptr, S_ptr, x_row + c, r_row + c, o_row + c, c < N, HAS_RES, False)
+                x = _reload(X_ptr, S_ptr, x_row + c, s_row + c, c < N, HAS_RES)
                 d = tl.where(c < N, x - m0, 0.0)
                 acc1 += d
                 acc2 += d * d
@@ -147,16 +164,18 @@ def _norm_fwd_kernel(X_ptr, R_ptr, W_ptr, B_ptr, Y_ptr, S_ptr, Mean_ptr, Rstd_pt
             mean = m0 + d1
             var = tl.maximum(tl.sum(acc2, axis=0) / N - d1 * d1, 0.0)
             rstd = 1.0 / tl.sqrt(var + eps)
-            tl.store(Mean_ptr + row, mean)
+            if HAS_STATS:
+                tl.store(Mean_ptr + row, mean)
         else:
             rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
         for start in range(0, N, BLOCK_N):
             c = start + cols
             cm = c < N
-            x = _load_input(X_ptr, R_ptr, S_ptr, x_row + c, r_row + c, o_row + c, cm, HAS_RES, False)
+            x = _reload(X_ptr, S_ptr, x_row + c, s_row + c, cm, HAS_RES)
             y = _affine((x - mean) * rstd, W_ptr, B_ptr, c, cm, HAS_W, HAS_B)
-            tl.store(Y_ptr + o_row + c, to_dtype(y, Y_ptr.dtype.element_ty), mask=cm)
-        tl.store(Rstd_ptr + row, rstd)
+            tl.store(Y_ptr + y_row + c, to_dtype(y, Y_ptr.dtype.element_ty), mask=cm)
+        if HAS_STATS:
+            tl.store(Rstd_ptr + row, rstd)
 
 
 @triton.jit
@@ -309,6 +328,23 @@ def partial_grid(num_tiles, N, device):
 # Launchers
 
 
+def _launch_fwd(x, residual, weight, bias, y, s, mean, rstd, eps, centered):
+    """One forward launch: y (and s with a residual) [M, N] rows; mean/rstd None to keep no statistics."""
+    M, N = x.shape
+    if M == 0:
+        return
+    single, block_m, block_n, num_warps = fwd_geometry(N)
+    r = residual if residual is not None else x
+    s = s if residual is not None else y
+    stats = rstd is not None
+    _norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+        x, r, weight if weight is not None else x, bias if bias is not None else x, y, s,
+        mean if (stats and centered) else (rstd if stats else x), rstd if stats else x, M, N,
+        x.stride(0), r.stride(0), y.stride(0), s.stride(0), float(eps), CENTERED=bool(centered),
+        HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, HAS_STATS=stats,
+        SINGLE_PASS=single, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+
+
 def norm_fwd(x, residual, weight, bias, eps, centered):
     """x: [M, N] (unit column stride); returns (y, summed or empty, mean or empty, rstd)."""
     import torch
@@ -318,16 +354,13 @@ def norm_fwd(x, residual, weight, bias, eps, centered):
     s = torch.empty((M, N) if residual is not None else (0,), device=x.device, dtype=x.dtype)
     mean = torch.empty((M if centered else 0,), device=x.device, dtype=torch.float32)
     rstd = torch.empty((M,), device=x.device, dtype=torch.float32)
-    if M == 0:
-        return y, s, mean, rstd
-    single, block_m, block_n, num_warps = fwd_geometry(N)
-    r = residual if residual is not None else x
-    _norm_fwd_kernel[(triton.cdiv(M, block_m),)](
-        x, r, weight if weight is not None else x, bias if bias is not None else x, y,
-        s if residual is not None else y, mean if centered else rstd, rstd, M, N, x.stride(0), r.stride(0),
-        float(eps), CENTERED=bool(centered), HAS_RES=residual is not None, HAS_W=weight is not None,
-        HAS_B=bias is not None, SINGLE_PASS=single, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    _launch_fwd(x, residual, weight, bias, y, s, mean, rstd, eps, centered)
     return y, s, mean, rstd
+
+
+def norm_add_(x, residual, out, weight, bias, eps, centered):
+    """In place: residual <- x + residual (if given), out (or x) <- the norm of it; [M, N] rows."""
+    _launch_fwd(x, residual, weight, bias, out if out is not None else x, residual, None, None, eps, centered)
 
 
 def norm_bwd(dy, ds, x, weight, mean, rstd, centered, weight_grad, bias_grad):
@@ -369,13 +402,15 @@ def _compile_configs():
             for centered in (True, False):
                 for n in (1, MAX_FUSED_N, MAX_FUSED_N + 1):
                     single, bm, bn, warps = fwd_geometry(n)
-                    for res, w, b in flag_sets:
+                    for (res, w, b), stats in zip(flag_sets, (True, True, False)):  # norm_add_ keeps no stats
                         sig = {"X_ptr": f"*{dt}", "R_ptr": f"*{dt}", "W_ptr": f"*{wdt}", "B_ptr": f"*{wdt}",
                                "Y_ptr": f"*{dt}", "S_ptr": f"*{dt}", "Mean_ptr": "*fp32", "Rstd_ptr": "*fp32",
-                               "M": "i32", "N": "i32", "stride_xm": "i64", "stride_rm": "i64", "eps": "fp32"}
+                               "M": "i32", "N": "i32", "stride_xm": "i64", "stride_rm": "i64",
+                               "stride_ym": "i64", "stride_sm": "i64", "eps": "fp32"}
                         out.append((_norm_fwd_kernel, sig,
                                     dict(CENTERED=centered, HAS_RES=res, HAS_W=w, HAS_B=b and centered,
-                                         SINGLE_PASS=single, BLOCK_M=bm, BLOCK_N=bn), dict(num_warps=warps)))
+                                         HAS_STATS=stats, SINGLE_PASS=single, BLOCK_M=bm, BLOCK_N=bn),
+                                    dict(num_warps=warps)))
                     single, bm, bn, warps = bwd_geometry(n)
                     for ds, w, dw in flag_sets:
                         sig = {"X_ptr": f"*{dt}", "W_ptr": f"*{wdt}", "DY_ptr": f"*{dt}", "DS_ptr": f"*{dt}",

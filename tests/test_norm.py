@@ -424,3 +424,152 @@ def test_rms_complex_input_like_torch(dtype):
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(out)
     torch.testing.assert_close(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(ref, (x, w), g))
+
+
+# ---------------------------------------------------------------------------------------
+# In-place variants (rms_norm_ / layer_norm_): residual <- input + residual, out <- norm
+
+
+def _inplace(kind, x, shape, params, residual=None, out=None, eps=1e-6):
+    fn = LF.layer_norm_ if kind.centered else LF.rms_norm_
+    return fn(x, shape, *params, eps=eps, residual=residual, out=out)
+
+
+@pytest.mark.parametrize("use_out", [False, True], ids=["over_input", "out"])
+@pytest.mark.parametrize("use_res", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 37, 1000, 1536, 9000])  # warp rows, block rows, Triton's streamed path
+@pytest.mark.parametrize("kind,backend", cases(emu=True))
+def test_inplace_matches_out_of_place(kind, backend, n, dtype, use_res, use_out, device):
+    """Bit for bit the out-of-place kernel's results, written where asked and nowhere else."""
+    if n == 9000 and backend == "cuda" and device == "cpu" and dtype != torch.float32:
+        pytest.skip("long emulated rows: fp32 covers the block-row path")
+    rows = 3 if n >= 1000 else 7
+    x = torch.randn(rows, n, device=device).to(dtype)
+    r = torch.randn_like(x) if use_res else None
+    params = kind.params(n, device, dtype)
+    with llmfast.backend(backend):
+        want = kind(x, (n,), *params, residual=r)
+        want_y, want_s = want if use_res else (want, None)
+        xi, ri = x.clone(), (r.clone() if use_res else None)
+        out = torch.full_like(x, float("nan")) if use_out else None
+        got = _inplace(kind, xi, (n,), params, residual=ri, out=out)
+    y = got[0] if use_res else got
+    assert y is (out if use_out else xi)  # the caller's tensors come back
+    assert torch.equal(y, want_y)
+    if use_res:
+        assert got[1] is ri and torch.equal(ri, want_s)
+    if use_out:
+        assert torch.equal(xi, x)  # input untouched when out is given
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,backend", cases(emu=True))
+def test_inplace_against_float64(kind, backend, dtype, device):
+    """The FlashAttention rule against float64, through compare() (forward only: no autograd here)."""
+    def fn(x, r, *params):
+        x, r = x.clone(), r.clone()
+        y, s = _inplace(kind, x, (200,), params, residual=r)
+        return y, s
+
+    x = torch.randn(2, 9, 200, device=device).to(dtype)
+    _check(compare(fn, [x, torch.randn_like(x), *kind.params(200, device, dtype)], backend, grad=False))
+
+
+@pytest.mark.parametrize("kind,backend", cases(emu=True))
+def test_inplace_strided_buffers(kind, backend, device):
+    """Row-strided views are written in place, their padding untouched; a layout that no row
+    view can describe (a transpose) still gets the right answer."""
+    n = 48
+    base_x = torch.randn(6, 64, device=device)
+    base_r = torch.randn(6, 80, device=device)
+    base_o = torch.full((6, 56), 7.0, device=device)
+    x, r, o = base_x[:, :n], base_r[:, 8:8 + n], base_o[:, :n]
+    params = kind.params(n, device)
+    with llmfast.backend("torch"):
+        want_y, want_s = kind(x.clone(), (n,), *params, residual=r.clone())
+    before_x, before_r, before_o = base_x.clone(), base_r.clone(), base_o.clone()
+    with llmfast.backend(backend):
+        _inplace(kind, x, (n,), params, residual=r, out=o)
+    torch.testing.assert_close(o, want_y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r, want_s)
+    assert torch.equal(base_x, before_x)
+    assert torch.equal(base_r[:, :8], before_r[:, :8]) and torch.equal(base_r[:, 8 + n:], before_r[:, 8 + n:])
+    assert torch.equal(base_o[:, n:], before_o[:, n:])
+    xt = torch.randn(n, 5, device=device).t()  # [5, n], column stride 5: no row view
+    rt = torch.randn(5, n, device=device)
+    with llmfast.backend("torch"):
+        want_y, want_s = kind(xt.clone(), (n,), *params, residual=rt.clone())
+    with llmfast.backend(backend):
+        y, s = _inplace(kind, xt, (n,), params, residual=rt)
+    assert y is xt and s is rt
+    torch.testing.assert_close(xt, want_y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rt, want_s)
+
+
+@pytest.mark.parametrize("kind,backend", cases())
+def test_inplace_under_autograd_runs_torch_inplace_ops(kind, backend, device):
+    """With an argument requiring grad the result is differentiable, as torch's in-place ops are."""
+    x = torch.randn(4, 32, device=device, requires_grad=True)
+    r0 = torch.randn(4, 32, device=device, requires_grad=True)
+    params = [p.requires_grad_() for p in kind.params(32, device)]
+    with llmfast.backend(backend):
+        r = r0.clone()  # a non-leaf may be written in place
+        y, s = _inplace(kind, x * 1.0, (32,), params, residual=r)
+        (y * s).sum().backward()
+    got = [x.grad, r0.grad] + [p.grad for p in params]
+    for t in [x, r0, *params]:
+        t.grad = None
+    with llmfast.backend("torch"):
+        y, s = kind(x, (32,), *params, residual=r0)
+        (y * s).sum().backward()
+    for g, want in zip(got, [x.grad, r0.grad] + [p.grad for p in params]):
+        torch.testing.assert_close(g, want)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
+def test_inplace_bad_input_raises(kind):
+    x, r = torch.randn(4, 16), torch.randn(4, 16)
+    p = kind.params(16, "cpu")
+    with pytest.raises(ValueError, match="residual overlaps input"):
+        _inplace(kind, x, (16,), p, residual=x)
+    with pytest.raises(ValueError, match="out overlaps residual"):
+        _inplace(kind, x, (16,), p, residual=r, out=r)
+    with pytest.raises(ValueError, match="out partially overlaps input"):
+        buf = torch.randn(5, 16)
+        _inplace(kind, buf[:4], (16,), p, out=buf[1:])
+    with pytest.raises(RuntimeError, match="out must be like input"):
+        _inplace(kind, x, (16,), p, out=torch.empty(4, 16, dtype=torch.float64))
+    with pytest.raises(TypeError, match="'out' must be a Tensor"):
+        _inplace(kind, x, (16,), p, out=3)
+    with pytest.raises(RuntimeError, match="residual of shape"):
+        _inplace(kind, x, (16,), p, residual=torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("kind,backend", cases(emu=True))
+def test_inplace_opcheck(kind, backend, device):
+    op = norm_op.norm_add_.on(backend, device)
+    c = kind.centered
+    w, b = torch.randn(40, device=device), (torch.randn(40, device=device) if c else None)
+    for dt in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 40, device=device).to(dt)
+        torch.library.opcheck(op, (x.clone(), torch.randn_like(x), None, w, b, 1e-5, c))
+        torch.library.opcheck(op, (x.clone(), torch.randn_like(x), torch.empty_like(x), w, b, 1e-5, c))
+        torch.library.opcheck(op, (x.clone(), None, None, None, None, 1e-5, c))
+
+
+@pytest.mark.parametrize("kind,backend", cases(emu=True))
+def test_inplace_torch_compile_fullgraph(kind, backend, device):
+    torch._dynamo.reset()
+    params = kind.params(64, device)
+
+    def step(h, r, buf):  # a decode loop's block boundary: no fresh allocations
+        _inplace(kind, h, (64,), params, residual=r, out=buf)
+        return buf
+
+    h, r = torch.randn(3, 64, device=device), torch.randn(3, 64, device=device)
+    h2, r2, buf, buf2 = h.clone(), r.clone(), torch.empty_like(h), torch.empty_like(h)
+    with llmfast.backend(backend):
+        step(h, r, buf)
+        torch.compile(step, fullgraph=True)(h2, r2, buf2)
+    assert torch.equal(buf, buf2) and torch.equal(r, r2)

@@ -55,14 +55,18 @@ inline const acc_t* norm_input_row(const scalar_t* x, const scalar_t* r, scalar_
 
 // The forward's row loop. Rows are spread over threads;
 // row m's input (x, or s = x + r, which is also written to `s`) is handed as acc_t to
-// normalize(m, in, out), which writes the normalised row to `out`. Outputs larger than
-// the last-level cache are streamed (stream.h).
+// normalize(m, in, out), which writes the normalised row to `out`. y and s are [M, N] rows
+// at their own row strides; the in-place variant passes s = r (the sum overwrites the
+// residual) and y = x or another buffer: each row is read before its element j is written,
+// and no two rows share memory. Outputs larger than the last-level cache are streamed
+// (stream.h).
 template <typename scalar_t, typename F>
 void norm_rows(const Tensor& x, const Tensor& r, Tensor& y, Tensor& s, F&& normalize) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
   const int64_t M = x.size(0), N = x.size(1);
   const int64_t sx = x.stride(0), sr = r.defined() ? r.stride(0) : 0;
+  const int64_t sy = y.stride(0), ss = r.defined() ? s.stride(0) : 0;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* sp = r.defined() ? s.mutable_data_ptr<scalar_t>() : nullptr;
@@ -72,8 +76,8 @@ void norm_rows(const Tensor& x, const Tensor& r, Tensor& y, Tensor& s, F&& norma
     std::vector<acc_t> in_buf(same ? 0 : N), in_buf2(same || !rp ? 0 : N);
     RowOut<scalar_t> y_out(stream, N), s_out(stream, sp ? N : 0);
     for (int64_t m = begin; m < end; ++m) {
-      scalar_t* const y_dst = yp + m * N;
-      scalar_t* const s_dst = sp ? sp + m * N : nullptr;
+      scalar_t* const y_dst = yp + m * sy;
+      scalar_t* const s_dst = sp ? sp + m * ss : nullptr;
       stream.prepare_rows(y_dst, m - begin, end - m);
       if (s_dst) stream.prepare_rows(s_dst, m - begin, end - m);
       const acc_t* in = norm_input_row<scalar_t, acc_t>(xp + m * sx, rp ? rp + m * sr : nullptr,
@@ -280,8 +284,9 @@ void norm_fwd_rows(const Tensor& x, const Tensor& r, const Tensor& w, const Tens
   const int64_t N = x.size(1);
   const acc_t* wp = ptr_or_null<acc_t>(w);
   const acc_t* bp = ptr_or_null<acc_t>(b);
-  acc_t* mp = CENTERED ? mean_t.mutable_data_ptr<acc_t>() : nullptr;
-  acc_t* rsp = rstd_t.mutable_data_ptr<acc_t>();
+  // statistics are optional (the in-place variant keeps none)
+  acc_t* mp = CENTERED && mean_t.defined() ? mean_t.mutable_data_ptr<acc_t>() : nullptr;
+  acc_t* rsp = rstd_t.defined() ? rstd_t.mutable_data_ptr<acc_t>() : nullptr;
   const acc_t eps = static_cast<acc_t>(eps_d);
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
 
@@ -293,11 +298,11 @@ void norm_fwd_rows(const Tensor& x, const Tensor& r, const Tensor& w, const Tens
         acc_t var;
         row_mean_var(xr, N, mu, var);
         rs = acc_t(1) / std::sqrt(var + eps);
-        mp[m] = mu;
+        if (mp) mp[m] = mu;
       } else {
         rs = acc_t(1) / std::sqrt(row_sum<true>(xr, N) * inv_n + eps);
       }
-      rsp[m] = rs;
+      if (rsp) rsp[m] = rs;
       const Vec vmu(mu), vrs(rs);
       for_vectors<V>(0, N, [&](int64_t j, int64_t cnt) {
         Vec v = Vec::loadu(xr + j, cnt);
@@ -497,6 +502,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd(const Tensor& input, const s
   return {y, s, mean, rstd};
 }
 
+void norm_add_(const Tensor& input, const std::optional<Tensor>& residual, const std::optional<Tensor>& out,
+               const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps, bool centered) {
+  constexpr const char* op = "llmfast::norm_add_";
+  const auto [w, b] = check_norm_add(op, input, residual, out, weight, bias, centered);
+  if (input.size(0) == 0) return;
+  TORCH_CHECK(input.size(1) > 0, op, ": rows must have at least one element");
+  Tensor y = defined(out) ? *out : input;
+  Tensor s = defined(residual) ? *residual : Tensor();
+  Tensor none;
+  with_kind(centered, [&](auto kind) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "llmfast_norm_add_cpu", [&] {
+      norm_fwd_rows<decltype(kind)::value, scalar_t>(input, s, w, b, eps, y, s, none, none);
+    });
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& grad_out, const std::optional<Tensor>& grad_summed,
                                             const Tensor& x, const std::optional<Tensor>& weight, const Tensor& mean,
                                             const Tensor& rstd, bool centered, bool weight_grad, bool bias_grad) {
@@ -536,6 +557,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& grad_out, const std::o
 TORCH_LIBRARY_IMPL(llmfast, CPU, m) {
   m.impl("norm_fwd", &norm_fwd);
   m.impl("norm_bwd", &norm_bwd);
+  m.impl("norm_add_", &norm_add_);
 }
 
 }  // namespace llmfast::cpu

@@ -55,7 +55,7 @@ struct NormParams {
   const void* r = nullptr;  // [M, N], row stride sr: residual or nullptr (fwd)
   const float* w = nullptr;  // [N] or nullptr
   const float* b = nullptr;  // [N] or nullptr (fwd, CENTERED)
-  void* y = nullptr;         // [M, N] contiguous (fwd)
+  void* y = nullptr;         // [M, N] contiguous (fwd), or at row stride sy (in place)
   void* s = nullptr;         // [M, N] contiguous: x + r, or nullptr without a residual (fwd)
   float* mean = nullptr;     // [M] (CENTERED; fwd writes, bwd reads)
   float* rstd = nullptr;     // [M] (fwd writes, bwd reads)
@@ -64,7 +64,7 @@ struct NormParams {
   void* dx = nullptr;        // [M, N] contiguous (bwd)
   float* dw_part = nullptr;  // [teams, N], zeroed, or nullptr (bwd)
   float* db_part = nullptr;  // [teams, N], zeroed, or nullptr (bwd, CENTERED)
-  int64_t M = 0, N = 0, sx = 0, sr = 0, sdy = 0, sds = 0;
+  int64_t M = 0, N = 0, sx = 0, sr = 0, sy = 0, sdy = 0, sds = 0;
   float eps = 0.f;
 };
 
@@ -85,26 +85,24 @@ __device__ __forceinline__ T add_round(T x, T r) {
   return from_float<T>(to_float(x) + to_float(r));
 }
 
-// The kernels take NormParams' fields as __restrict__ arguments: read-only data then goes
-// through the non-coherent (LDG.CONSTANT) path.
-template <typename T, bool CENTERED, bool WARP_ROWS>
-__global__ void _norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r, const float* __restrict__ w,
-                                 const float* __restrict__ b, T* __restrict__ y, T* __restrict__ s,
-                                 float* __restrict__ mean, float* __restrict__ rstd, int64_t M, int64_t N, int64_t sx,
-                                 int64_t sr, float eps) {
-  __shared__ float smem1[32];
-  __shared__ float2 smem2[32];
-  const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (row >= M) return;  // warp mode: the whole warp leaves; block mode: grid == M
+// One row of the forward. READ_S: the later passes read back the s this thread stored in
+// pass 1 (the in-place variant, where s overwrites r); otherwise they recompute x + r (an
+// L2 hit, and no read-after-write through the __restrict__ pointers of _norm_fwd_kernel).
+// mean/rstd may be nullptr (no statistics kept).
+template <typename T, bool CENTERED, bool WARP_ROWS, bool READ_S>
+__device__ __forceinline__ void norm_fwd_row(const T* x, const T* r, const float* w, const float* b, T* y, T* s,
+                                             float* mean, float* rstd, int64_t row, int64_t N, int64_t sx, int64_t sr,
+                                             int64_t sy, int64_t ss, float eps, float* smem1, float2* smem2) {
   const int64_t tid = threadIdx.x, nt = blockDim.x;
   const T* xr = x + row * sx;
   const T* rr = r ? r + row * sr : nullptr;
-  T* sr_out = s ? s + row * N : nullptr;
+  T* sr_out = s ? s + row * ss : nullptr;
   const float n = static_cast<float>(N);
 
-  // The row as fp32; later passes recompute x + r (an L2 hit) rather than read back s,
-  // which this kernel writes.
-  auto load = [&](int64_t j) { return rr ? to_float(add_round(xr[j], rr[j])) : to_float(xr[j]); };
+  auto load = [&](int64_t j) {
+    if (!rr) return to_float(xr[j]);
+    return READ_S ? to_float(sr_out[j]) : to_float(add_round(xr[j], rr[j]));
+  };
   // pass 1: s (stored once) and its sum (LayerNorm) or sum of squares (RMSNorm)
   float acc = 0.f;
   for (int64_t j = tid; j < N; j += nt) {
@@ -132,19 +130,46 @@ __global__ void _norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ 
     const float dm = __fdiv_rn(t.x, n);
     mu = m0 + dm;
     rs = rsqrtf(fmaxf(__fdiv_rn(t.y, n) - dm * dm, 0.f) + eps);
-    if (tid == 0) mean[row] = mu;
+    if (tid == 0 && mean) mean[row] = mu;
   } else {
     rs = rsqrtf(team_reduce<WARP_ROWS>(acc, Sum{}, 0.f, smem1) / n + eps);
   }
-  if (tid == 0) rstd[row] = rs;
-  // last pass: the output
-  T* yr = y + row * N;
+  if (tid == 0 && rstd) rstd[row] = rs;
+  // last pass: the output (each element read before it is written: y may be x)
+  T* yr = y + row * sy;
   for (int64_t j = tid; j < N; j += nt) {
     float o = (CENTERED ? load(j) - mu : load(j)) * rs;
     if (w) o *= w[j];
     if (CENTERED && b) o += b[j];
     yr[j] = from_float<T>(o);
   }
+}
+
+// The kernels take NormParams' fields as __restrict__ arguments: read-only data then goes
+// through the non-coherent (LDG.CONSTANT) path. y, s: [M, N] contiguous.
+template <typename T, bool CENTERED, bool WARP_ROWS>
+__global__ void _norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r, const float* __restrict__ w,
+                                 const float* __restrict__ b, T* __restrict__ y, T* __restrict__ s,
+                                 float* __restrict__ mean, float* __restrict__ rstd, int64_t M, int64_t N, int64_t sx,
+                                 int64_t sr, float eps) {
+  __shared__ float smem1[32];
+  __shared__ float2 smem2[32];
+  const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (row >= M) return;  // warp mode: the whole warp leaves; block mode: grid == M
+  norm_fwd_row<T, CENTERED, WARP_ROWS, false>(x, r, w, b, y, s, mean, rstd, row, N, sx, sr, N, N, eps, smem1, smem2);
+}
+
+// In place (llmfast::norm_add_): s is r (the sum overwrites the residual) and y is x or a
+// separate buffer, all [M, N] rows at their own strides: no __restrict__, no statistics.
+template <typename T, bool CENTERED, bool WARP_ROWS>
+__global__ void _norm_add_kernel(const T* x, T* r, const float* __restrict__ w, const float* __restrict__ b, T* y,
+                                 int64_t M, int64_t N, int64_t sx, int64_t sr, int64_t sy, float eps) {
+  __shared__ float smem1[32];
+  __shared__ float2 smem2[32];
+  const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (row >= M) return;
+  norm_fwd_row<T, CENTERED, WARP_ROWS, true>(x, r, w, b, y, r, nullptr, nullptr, row, N, sx, sr, sy, sr, eps, smem1,
+                                             smem2);
 }
 
 template <typename T, bool CENTERED, bool WARP_ROWS>
@@ -236,13 +261,19 @@ inline cudaError_t with_kind(DType dt, bool centered, bool warp_rows, F&& f) {
   });
 }
 
-inline cudaError_t norm_fwd_launch(const NormParams& p, bool centered, DType dt, cudaStream_t stream) {
+// inplace: _norm_add_kernel (p.s unused: the sum goes to p.r; p.y at row stride p.sy).
+inline cudaError_t norm_fwd_launch(const NormParams& p, bool centered, bool inplace, DType dt, cudaStream_t stream) {
   const RowLaunch g = row_launch(p.N);
   const dim3 grid(static_cast<unsigned>((p.M + g.rows_per_block - 1) / g.rows_per_block));
+  const dim3 block(g.threads, g.rows_per_block);
   return with_kind(dt, centered, g.warp_rows, [&](auto tag, auto c, auto w) {
     using T = decltype(tag);
-    auto* kernel = _norm_fwd_kernel<T, decltype(c)::value, decltype(w)::value>;
-    return launch(kernel, grid, dim3(g.threads, g.rows_per_block), 0, stream, static_cast<const T*>(p.x),
+    constexpr bool C = decltype(c)::value, W = decltype(w)::value;
+    if (inplace)
+      return launch(_norm_add_kernel<T, C, W>, grid, block, 0, stream, static_cast<const T*>(p.x),
+                    static_cast<T*>(const_cast<void*>(p.r)), p.w, p.b, static_cast<T*>(p.y), p.M, p.N, p.sx, p.sr,
+                    p.sy, p.eps);
+    return launch(_norm_fwd_kernel<T, C, W>, grid, block, 0, stream, static_cast<const T*>(p.x),
                   static_cast<const T*>(p.r), p.w, p.b, static_cast<T*>(p.y), static_cast<T*>(p.s), p.mean, p.rstd,
                   p.M, p.N, p.sx, p.sr, p.eps);
   });
@@ -310,8 +341,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd(const Tensor& input, const s
   p.mean = centered ? mean.mutable_data_ptr<float>() : nullptr;
   p.rstd = rstd.mutable_data_ptr<float>();
   p.M = M, p.N = N, p.eps = static_cast<float>(eps);
-  check_launch(norm_fwd_launch(p, centered, dt, current_stream()));
+  check_launch(norm_fwd_launch(p, centered, false, dt, current_stream()));
   return {y, s, mean, rstd};
+}
+
+void norm_add_(const Tensor& input, const std::optional<Tensor>& residual, const std::optional<Tensor>& out,
+               const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps, bool centered) {
+  constexpr const char* op = "llmfast::norm_add_";
+  check_on_device(op, "input", input);
+  const auto [w, b] = check_norm_add(op, input, residual, out, weight, bias, centered);
+  const DType dt = dtype_of(op, "input", input);
+  const int64_t M = input.size(0), N = input.size(1);
+  TORCH_CHECK(M < (int64_t(1) << 31), op, ": at most 2^31 - 1 rows");
+  if (M == 0) return;
+  TORCH_CHECK(N > 0, op, ": rows must have at least one element");
+  const DeviceGuard guard(input.device());
+  const Tensor& y = defined(out) ? *out : input;
+  NormParams p;
+  p.x = input.const_data_ptr(), p.sx = input.stride(0);
+  if (defined(residual)) p.r = residual->mutable_data_ptr(), p.sr = residual->stride(0);
+  p.w = ptr_or_null<float>(w), p.b = ptr_or_null<float>(b);
+  p.y = y.mutable_data_ptr(), p.sy = y.stride(0);
+  p.M = M, p.N = N, p.eps = static_cast<float>(eps);
+  check_launch(norm_fwd_launch(p, centered, true, dt, current_stream()));
 }
 
 std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& grad_out, const std::optional<Tensor>& grad_summed,
@@ -355,6 +407,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& grad_out, const std::o
 LLMFAST_CUDA_LIBRARY_IMPL(m) {
   m.impl("norm_fwd", &norm_fwd);
   m.impl("norm_bwd", &norm_bwd);
+  m.impl("norm_add_", &norm_add_);
 }
 
 }  // namespace llmfast::cuda

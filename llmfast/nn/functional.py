@@ -21,8 +21,8 @@ from llmfast.ops import fused_linear_cross_entropy as flce_op
 from llmfast.ops import norm as norm_op
 from llmfast.ops import softmax as softmax_op
 
-__all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "scaled_dot_product_attention", "flash_attention",
-           "cross_entropy", "fused_linear_cross_entropy", "perplexity"]
+__all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "layer_norm_", "rms_norm_",
+           "scaled_dot_product_attention", "flash_attention", "cross_entropy", "fused_linear_cross_entropy", "perplexity"]
 
 
 def _check_float(name: str, arg: str, t: Tensor):
@@ -209,6 +209,78 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Te
         return norm_op.rms_norm(input, normalized_shape, weight, eps, residual=residual)
     shape = _check_norm_args("rms_norm", input, normalized_shape, {"weight": weight}, eps, residual)
     return norm_op.rms_norm(input, shape, weight, None if eps is None else float(eps), residual=residual)
+
+
+def _extent(t: Tensor):
+    """(storage address, first byte, one past the last byte) that ``t``'s elements span."""
+    span = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+    return t.untyped_storage().data_ptr(), t.storage_offset() * t.element_size(), \
+        (t.storage_offset() + span) * t.element_size()
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    (sa, a0, a1), (sb, b0, b1) = _extent(a), _extent(b)
+    return a.numel() > 0 and b.numel() > 0 and sa == sb and a0 < b1 and b0 < a1
+
+
+def _check_inplace_norm(name: str, input, residual, out):
+    """What the in-place norms add to the norm checks: out like input, no overlaps that would corrupt the result."""
+    if out is not None:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{name}(): argument 'out' must be a Tensor or None, not {type(out).__name__}")
+        if out.shape != input.shape or out.dtype != input.dtype or out.device != input.device:
+            raise RuntimeError(f"{name}(): out must be like input ({input.dtype}{list(input.shape)} on "
+                               f"{input.device}), got {out.dtype}{list(out.shape)} on {out.device}")
+    if torch.compiler.is_compiling():
+        return  # data pointers are not traceable; the overlap checks run eagerly
+    if out is not None:
+        same = out.data_ptr() == input.data_ptr() and out.stride() == input.stride()
+        if not same and _overlap(out, input):
+            raise ValueError(f"{name}(): out partially overlaps input; pass input itself (or out=None) to "
+                             f"write over it, or a separate buffer")
+    if residual is not None:
+        if _overlap(residual, input):
+            raise ValueError(f"{name}(): residual overlaps input; the sum is written into residual, so they must "
+                             f"be separate tensors")
+        if out is not None and _overlap(residual, out):
+            raise ValueError(f"{name}(): out overlaps residual; residual receives input + residual and out the "
+                             f"normalised sum, so they must be separate tensors")
+
+
+def layer_norm_(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+                bias: Optional[Tensor] = None, eps: float = 1e-5, *, residual: Optional[Tensor] = None,
+                out: Optional[Tensor] = None):
+    r"""In-place :func:`layer_norm` for inference loops: no fresh allocations.
+
+    With ``residual``: ``residual <- input + residual``, then ``out <- layer_norm(residual)``
+    (vLLM's ``fused_add_rms_norm`` contract; ``out=None`` writes over ``input``); returns
+    ``(out, residual)``. Without: ``out <- layer_norm(input)``, returns ``out``. One pass
+    over memory, no statistics saved. Under autograd (an argument requires grad) it runs
+    torch's differentiable in-place ops instead, with their usual in-place rules.
+    ``residual`` and ``out`` must not overlap ``input`` or each other (``out`` may be
+    ``input`` itself).
+    """
+    shape = _check_norm_args("layer_norm_", input, normalized_shape, {"weight": weight, "bias": bias}, eps, residual)
+    _check_inplace_norm("layer_norm_", input, residual, out)
+    for arg, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.dtype != input.dtype and not (p.dtype == torch.float32 and input.dtype in _HALF):
+            raise RuntimeError(f"layer_norm_(): mixed dtype: {arg} is {p.dtype} but input is {input.dtype}; expected "
+                               f"{input.dtype}" + (" or torch.float32" if input.dtype in _HALF else ""))
+    return norm_op.layer_norm_(input, shape, weight, bias, float(eps), residual=residual, out=out)
+
+
+def rms_norm_(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+              eps: Optional[float] = None, *, residual: Optional[Tensor] = None, out: Optional[Tensor] = None):
+    r"""In-place :func:`rms_norm` for inference loops: no fresh allocations.
+
+    With ``residual``: ``residual <- input + residual``, then ``out <- rms_norm(residual)``
+    (vLLM's ``fused_add_rms_norm(input, residual, weight, eps)`` with ``out=None``, which
+    writes over ``input``); returns ``(out, residual)``. Without: ``out <- rms_norm(input)``,
+    returns ``out``. Same rules as :func:`layer_norm_`.
+    """
+    shape = _check_norm_args("rms_norm_", input, normalized_shape, {"weight": weight}, eps, residual)
+    _check_inplace_norm("rms_norm_", input, residual, out)
+    return norm_op.rms_norm_(input, shape, weight, None if eps is None else float(eps), residual=residual, out=out)
 
 
 # Attention

@@ -98,6 +98,21 @@ norm_fwd = kernel(
     "-> (Tensor out, Tensor summed, Tensor mean, Tensor rstd)", _fwd_fake, triton="norm:norm_fwd",
     autograd=(norm_bwd, _setup_context, _backward))
 
+
+def _add_fake(input, residual, out, weight, bias, eps, centered):
+    return None
+
+
+# The in-place variant for inference loops (vLLM's fused_add_rms_norm contract): with a
+# residual, residual <- input + residual (rounded to the dtype) and out <- norm(residual);
+# without one, out <- norm(input). out=None writes the output over input. Every tensor is
+# [M, N] rows (unit column stride, any row stride); out never overlaps residual (checked
+# above the kernel). No statistics, no allocation, no autograd (llmfast.ops.norm.norm_
+# routes differentiable calls to torch's in-place ops instead).
+norm_add_ = kernel(
+    "norm_add_", "(Tensor(a!) input, Tensor(b!)? residual, Tensor(c!)? out, Tensor? weight, Tensor? bias, "
+    "float eps, bool centered) -> ()", _add_fake, triton="norm:norm_add_", mutates=("input", "residual", "out"))
+
 for _name in ("layer_norm", "rms_norm"):
     backends.register_op(OpSpec(_name, kernel=norm_fwd))
 
@@ -129,6 +144,52 @@ def _norm(op, x, normalized_shape, weight, bias, eps, residual, centered):
     return y if residual is None else (y, s.view(x.shape))
 
 
+def _rows_view(t: Tensor, N: int) -> Optional[Tensor]:
+    """``t`` as [M, N] rows sharing its memory (unit column stride), or None when no view exists."""
+    try:
+        t2 = t.view(-1, N)
+    except RuntimeError:
+        return None
+    return t2 if (N <= 1 or t2.stride(1) == 1) else None
+
+
+def _rms_defaults(x: Tensor, weight: Optional[Tensor], eps: Optional[float]):
+    """torch's rms_norm defaults: eps = the math dtype's epsilon; a weight in a third dtype read as float32."""
+    math_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    if eps is None:
+        # not finfo(bfloat16).eps = 2^-7, which would swamp the mean square of small rows
+        eps = torch.finfo(math_dtype).eps
+    if weight is not None and weight.dtype not in (x.dtype, math_dtype):
+        weight = weight.to(math_dtype)
+    return weight, eps
+
+
+def norm_(op: str, x: Tensor, normalized_shape, weight, bias, eps, residual, out, centered):
+    """The in-place norm: ``residual += x`` (if given), then ``out`` (default ``x``) = norm of it.
+
+    Returns ``out`` (``x`` when None), or ``(out, residual)`` with a residual. Arguments are
+    assumed checked (``llmfast.nn.functional`` does that). With autograd recording, or a
+    layout no kernel can write in place, it runs torch's differentiable in-place ops.
+    """
+    dst = x if out is None else out
+    N = math.prod(normalized_shape)
+    which = backends.resolve(op, x)
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias))
+    views = [_rows_view(t, N) if t is not None else None for t in (x, residual, out)]
+    if which == "torch" or grads or x.numel() == 0 or any(v is None and t is not None
+                                                           for v, t in zip(views, (x, residual, out))):
+        s = x if residual is None else residual.add_(x)
+        if centered:
+            dst.copy_(torch.nn.functional.layer_norm(s, list(normalized_shape), weight, bias, eps))
+        else:
+            dst.copy_(torch.nn.functional.rms_norm(s, list(normalized_shape), weight, eps))
+    else:
+        w = weight.reshape(N) if weight is not None else None
+        b = bias.reshape(N) if bias is not None else None
+        norm_add_.on(which, x.device.type)(views[0], views[1], views[2], w, b, float(eps), centered)
+    return dst if residual is None else (dst, residual)
+
+
 def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                eps: float = 1e-5, residual: Optional[Tensor] = None):
     """LayerNorm over the trailing ``normalized_shape`` dims of ``x`` (+ ``residual`` first).
@@ -151,10 +212,16 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
     """
     if x.is_complex():
         return reference.rms_norm(x, normalized_shape, weight, eps, residual=residual)
-    math_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    if eps is None:
-        # not finfo(bfloat16).eps = 2^-7, which would swamp the mean square of small rows
-        eps = torch.finfo(math_dtype).eps
-    if weight is not None and weight.dtype not in (x.dtype, math_dtype):
-        weight = weight.to(math_dtype)
+    weight, eps = _rms_defaults(x, weight, eps)
     return _norm("rms_norm", x, normalized_shape, weight, None, eps, residual, False)
+
+
+def layer_norm_(x: Tensor, normalized_shape, weight=None, bias=None, eps: float = 1e-5, *, residual=None, out=None):
+    """In-place LayerNorm (see :func:`norm_`)."""
+    return norm_("layer_norm", x, normalized_shape, weight, bias, eps, residual, out, True)
+
+
+def rms_norm_(x: Tensor, normalized_shape, weight=None, eps: Optional[float] = None, *, residual=None, out=None):
+    """In-place RMSNorm (see :func:`norm_`), with torch's eps and weight-dtype defaults."""
+    weight, eps = _rms_defaults(x, weight, eps)
+    return norm_("rms_norm", x, normalized_shape, weight, None, eps, residual, out, False)
