@@ -211,16 +211,15 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Te
     return norm_op.rms_norm(input, shape, weight, None if eps is None else float(eps), residual=residual)
 
 
-def _extent(t: Tensor):
-    """(storage address, first byte, one past the last byte) that ``t``'s elements span."""
-    span = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
-    return t.untyped_storage().data_ptr(), t.storage_offset() * t.element_size(), \
-        (t.storage_offset() + span) * t.element_size()
-
-
 def _overlap(a: Tensor, b: Tensor) -> bool:
-    (sa, a0, a1), (sb, b0, b1) = _extent(a), _extent(b)
-    return a.numel() > 0 and b.numel() > 0 and sa == sb and a0 < b1 and b0 < a1
+    """Whether the bytes that ``a``'s and ``b``'s elements span intersect (addresses: two
+    storages never share any)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1 = a0 + (sum((n - 1) * st for n, st in zip(a.shape, a.stride())) + 1) * a.element_size()
+    b1 = b0 + (sum((n - 1) * st for n, st in zip(b.shape, b.stride())) + 1) * b.element_size()
+    return a0 < b1 and b0 < a1
 
 
 def _check_inplace_norm(name: str, input, residual, out):
