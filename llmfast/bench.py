@@ -13,11 +13,14 @@ that op's cases file, for timing and for checking. It defines:
   runs the timed work and returns the tensor to check; provider is ``"torch"``,
   a name from ``providers``, or ``"llmfast:<backend>"``,
 * ``reference(case, device) -> Tensor``: the float64 result of the same work,
-* ``work(case) -> (unit, amount)``: ``("GB/s", bytes)`` or ``("TFLOP/s", flops)``,
+* ``work(case) -> (unit, amount)``: ``("GB/s", bytes)``, ``("TFLOP/s", flops)`` or a
+  plain rate such as ``("tokens/s", tokens)``,
 * ``checks() -> list of (name, make_inputs(device, dtype), fn)``: small correctness
   cases for ``llmfast check`` (``name``'s first word is the op, so one file may hold
   several ops' checks, as bench_softmax does for softmax and log_softmax),
-* optionally ``MEMORY = True``: measure every provider's peak memory by default.
+* optionally ``MEMORY = True``: measure every provider's peak memory by default,
+* optionally ``PROVIDER_OP``: the op whose backends give the ``llmfast:<backend>``
+  providers, for a case that is not one op (a whole model's training step).
 
 Timing (:func:`time_interleaved`, the one timing path): the providers of a case run in
 rounds, each once per round in turn, and medians are reported, so that a load change
@@ -92,7 +95,8 @@ def llmfast_providers(op: str, device: str, dtype) -> list:
 
 def case_providers(mod, case, device) -> list:
     """Every provider of a case: torch, the module's other baselines, the llmfast backends that can run it."""
-    return ["torch", *mod.providers(case, device), *llmfast_providers(mod.OP, device, case["dtype"])]
+    op = getattr(mod, "PROVIDER_OP", mod.OP)
+    return ["torch", *mod.providers(case, device), *llmfast_providers(op, device, case["dtype"])]
 
 
 def baseline(vs: str, providers) -> str | None:
@@ -308,7 +312,7 @@ def run_case(mod, case, device, *, memory=False, rounds=None, vs="torch", only=N
     del ref
     timings = time_interleaved(fns, rounds=rounds, cuda=torch.device(device).type == "cuda")
     base_ms = timings[base].median if base in timings else math.nan
-    scale = 1e-9 if unit == "GB/s" else 1e-12
+    scale = {"GB/s": 1e-9, "TFLOP/s": 1e-12}.get(unit, 1.0)
     for prov, t in timings.items():
         r = rows[prov]
         r.error = t.error

@@ -185,7 +185,8 @@ def _causal_lm_forward(self, *args, **kwargs):
     [B, L, vocab] logits never exist; the output's ``logits`` is None then (as Liger's).
     Anything else (no labels, eval mode, no_grad: generation and evaluation) is the
     family's own forward, logits included. Forward hooks on ``lm_head`` do not fire on
-    the fused path (it reads ``lm_head.weight``/``bias``, never calls the module).
+    the fused path (it reads ``lm_head.weight``/``bias``, never calls the module), and a
+    model whose ``loss_function`` was replaced gets transformers' causal-LM loss there.
     """
     base = type(self)._llmfast_base
     try:
