@@ -165,4 +165,29 @@ inline void check_cross_entropy_bwd(const char* op, const Tensor& grad_loss, con
   check_device(op, "lse", lse, logits);
 }
 
+// glu_fwd / glu_bwd's arguments (llmfast/ops/glu.py): gate [M, K] rows; up None (packed: K = 2N,
+// gate = columns [0, N), up = [N, 2N)) or rows like gate (K = N); act 0 (silu), 1 (gelu tanh) or
+// 2 (gelu); grad_out, for the backward, [M, N] rows of gate's dtype. Returns N, the output width.
+inline int64_t check_glu(const char* op, const Tensor& gate, const std::optional<Tensor>& up, int64_t act,
+                         const Tensor* grad_out = nullptr) {
+  check_rows(op, "gate", gate);
+  TORCH_CHECK(act >= 0 && act <= 2, op, ": act must be 0 (silu), 1 (gelu tanh) or 2 (gelu), got ", act);
+  int64_t N = gate.size(1);
+  if (defined(up)) {
+    check_rows_like(op, "up", *up, gate);
+  } else {
+    TORCH_CHECK(N % 2 == 0, op, ": a packed gate (up=None) must have an even last dim, got ", N);
+    N /= 2;
+  }
+  if (grad_out != nullptr) {
+    check_rows(op, "grad_out", *grad_out);
+    TORCH_CHECK(grad_out->size(0) == gate.size(0) && grad_out->size(1) == N, op, ": grad_out has shape ",
+                grad_out->sizes(), ", expected [", gate.size(0), ", ", N, "]");
+    TORCH_CHECK(grad_out->scalar_type() == gate.scalar_type(), op, ": grad_out has dtype ", grad_out->scalar_type(),
+                ", expected ", gate.scalar_type());
+    check_device(op, "grad_out", *grad_out, gate);
+  }
+  return N;
+}
+
 }  // namespace llmfast

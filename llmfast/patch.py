@@ -159,6 +159,39 @@ def _hf_causal_lm_class(module):
     return hf.causal_lm_class(type(module))
 
 
+class Unsupported(Exception):
+    """Raised by a ``rebuild`` row's ``build`` to leave a match alone (reported as skipped, with the reason)."""
+
+
+# The activation module a transformers gated MLP calls, by class name -> GatedMLP's activation.
+# Read from the module that runs (not from the config: Gemma2 names it hidden_activation).
+_HF_GATED_ACT_MODULES = {"SiLUActivation": "silu", "SiLU": "silu", "GELUTanh": "gelu_tanh",
+                         "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh", "GELUActivation": "gelu"}
+
+
+def _hf_gated_mlp(old, target_cls):
+    """``<Family>MLP``: ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (Llama convention), or
+    Phi-3's packed ``gate_up_proj`` (gate first) with ``activation_fn``. The new GatedMLP holds
+    the very same Linear modules (parameters, hooks and optimizer references stay)."""
+    act = getattr(old, "act_fn", None) or getattr(old, "activation_fn", None)
+    activation = _HF_GATED_ACT_MODULES.get(type(act).__name__)
+    if type(act) is torch.nn.GELU:
+        activation = "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if activation is None:
+        raise Unsupported(f"its activation {type(act).__name__} has no fused gated kernel")
+    packed = hasattr(old, "gate_up_proj")
+    first, down = (old.gate_up_proj if packed else old.gate_proj), old.down_proj
+    # Built on the meta device: its fresh Linears are replaced by the old ones at once.
+    new = target_cls(first.in_features, down.in_features, bias=down.bias is not None, activation=activation,
+                     packed=packed, device="meta", dtype=down.weight.dtype)
+    if packed:
+        new.gate_up_proj = old.gate_up_proj
+    else:
+        new.gate_proj, new.up_proj = old.gate_proj, old.up_proj
+    new.down_proj = down
+    return new
+
+
 # Families verified by tests/test_patch.py with tiny random configs (logits and every
 # parameter's gradient match the unpatched model). GPT-2's norms are torch.nn.LayerNorm,
 # covered by the torch row.
@@ -167,6 +200,8 @@ HF_RMS_NORM_FAMILIES = ("Llama", "Mistral", "Mixtral", "Qwen2", "Qwen3", "Phi3")
 HF_OFFSET_RMS_NORM_FAMILIES = ("Gemma", "Gemma2")
 # The causal-LM loss: llmfast.hf.CAUSAL_LM_HEADS (model types whose head the fused forward reproduces)
 HF_CAUSAL_LM_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+# Gated MLPs: tests/test_glu.py checks each family's patched model against the unpatched one.
+HF_MLP_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Phi3")
 HF_ATTENTION_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt2")
 
 RULES: tuple = (
@@ -181,6 +216,7 @@ RULES: tuple = (
          "rebuild", _hf_offset_rms_norm),
     Rule("fused_linear_cross_entropy", HFCausalLM(HF_CAUSAL_LM_MODEL_TYPES), "fused_linear_cross_entropy", "subclass",
          _hf_causal_lm_class),
+    Rule("glu", HFClass(rf"({'|'.join(HF_MLP_FAMILIES)})MLP"), "GatedMLP", "rebuild", _hf_gated_mlp),
     Rule("attention", HFModel(HF_ATTENTION_MODEL_TYPES), "llmfast", "attn_implementation"),
 )
 
@@ -284,7 +320,8 @@ def patch(model: torch.nn.Module, ops: Optional[Iterable[str]] = None) -> PatchH
     ``ops``: the op families to patch (default: all of :data:`OPS`): ``"softmax"``,
     ``"log_softmax"``, ``"layer_norm"``, ``"rms_norm"``, ``"attention"``,
     ``"transformer_encoder_layer"``, ``"fused_linear_cross_entropy"`` (a Hugging Face
-    causal LM's training loss; the output's ``logits`` is None when it took the loss).
+    causal LM's training loss; the output's ``logits`` is None when it took the loss), ``"glu"``
+    (Hugging Face gated MLPs).
 
     >>> handle = llmfast.patch(model)
     >>> print(handle.report())
@@ -342,7 +379,11 @@ def patch(model: torch.nn.Module, ops: Optional[Iterable[str]] = None) -> PatchH
                 continue
             new = rebuilt.get(id(module))
             if new is None:
-                new = rule.build(module, target)
+                try:
+                    new = rule.build(module, target)
+                except Unsupported as e:
+                    handle.skipped.append((path, f"{source}: {e}"))
+                    continue
                 new.train(module.training)
                 # Hooks registered on the old module keep firing on its replacement.
                 for attr in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"):

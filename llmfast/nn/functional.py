@@ -18,11 +18,13 @@ from llmfast import reference
 from llmfast.ops import attention as attention_op
 from llmfast.ops import cross_entropy as cross_entropy_op
 from llmfast.ops import fused_linear_cross_entropy as flce_op
+from llmfast.ops import glu as glu_op
 from llmfast.ops import norm as norm_op
 from llmfast.ops import softmax as softmax_op
 
 __all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "layer_norm_", "rms_norm_",
-           "scaled_dot_product_attention", "flash_attention", "cross_entropy", "fused_linear_cross_entropy", "perplexity"]
+           "scaled_dot_product_attention", "flash_attention", "cross_entropy", "fused_linear_cross_entropy", "perplexity",
+           "swiglu", "geglu"]
 
 
 def _check_float(name: str, arg: str, t: Tensor):
@@ -623,3 +625,62 @@ def perplexity(input: Tensor, target: Optional[Tensor] = None, ignore_index: int
     V = input.shape[-1]
     loss = cross_entropy(input.reshape(-1, V), target.reshape(-1), ignore_index=ignore_index, reduction="mean")
     return loss.float().exp()
+
+
+# ----------------------------------------------------------------------------------
+# Gated activations
+
+
+def _glu_common(name: str, gate, up, act: int) -> Tensor:
+    _check_float(name, "gate", gate)
+    if up is None:
+        if gate.dim() == 0 or gate.shape[-1] % 2 != 0:
+            raise RuntimeError(f"{name}(): a packed gate (up=None) is [..., 2 * intermediate]: its last dim must be "
+                               f"even, got shape {list(gate.shape)}")
+    else:
+        _check_float(name, "up", up)
+        if up.shape != gate.shape:
+            raise RuntimeError(f"{name}(): gate and up must have the same shape, got gate {list(gate.shape)} and "
+                               f"up {list(up.shape)}")
+        if up.dtype != gate.dtype:
+            raise TypeError(f"{name}(): gate and up must have the same dtype, got gate {gate.dtype} and up {up.dtype}")
+        if up.device != gate.device:
+            raise RuntimeError(f"{name}(): gate is on {gate.device} but up is on {up.device}")
+    return glu_op.glu(gate, up, act)
+
+
+def swiglu(gate: Tensor, up: Optional[Tensor] = None) -> Tensor:
+    r"""SwiGLU: ``silu(gate) * up`` in one fused pass (the Llama/Mistral/Qwen MLP's gating).
+
+    Args:
+        gate: floating point tensor ``[..., I]``: the gate projection's output.
+        up: a tensor like ``gate`` (the up projection's output), or None for the *packed*
+            form: then ``gate`` is one ``[..., 2I]`` projection, the gate in its first half
+            and up in its second (``gate, up = gate.chunk(2, -1)``: what a fused
+            ``gate_up_proj`` such as Phi-3's gives). Its halves are read in place, and its
+            gradient is one ``[..., 2I]`` tensor.
+
+    Same values and gradients as ``torch.nn.functional.silu(gate) * up`` (no
+    broadcasting: the shapes must match). Math is fp32 for fp16/bf16 inputs, the output
+    rounded once; backward recomputes ``silu(gate)`` from the saved inputs, so nothing
+    but ``gate`` and ``up`` is kept between forward and backward.
+    """
+    return _glu_common("swiglu", gate, up, glu_op.SILU)
+
+
+def geglu(gate: Tensor, up: Optional[Tensor] = None, approximate: str = "tanh") -> Tensor:
+    r"""GeGLU: ``gelu(gate, approximate) * up`` in one fused pass (the Gemma MLP's gating).
+
+    Args:
+        gate, up: as in :func:`swiglu` (``up=None``: ``gate`` is the packed ``[..., 2I]``
+            projection, gate first, up second).
+        approximate: torch's names: ``"tanh"`` (the default here, as Gemma's
+            ``gelu_pytorch_tanh``) or ``"none"`` (the exact erf form).
+
+    Same values and gradients as ``torch.nn.functional.gelu(gate, approximate=approximate) * up``;
+    math is fp32 for fp16/bf16 inputs and the backward recomputes the activation from
+    the saved inputs.
+    """
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"geglu(): approximate must be 'tanh' or 'none' (torch's gelu names), got {approximate!r}")
+    return _glu_common("geglu", gate, up, glu_op.GELU_TANH if approximate == "tanh" else glu_op.GELU)

@@ -9,7 +9,8 @@ from torch import Tensor
 
 from llmfast.nn import functional as F
 
-__all__ = ["Softmax", "LogSoftmax", "LayerNorm", "RMSNorm", "MultiheadAttention", "CrossEntropyLoss"]
+__all__ = ["Softmax", "LogSoftmax", "LayerNorm", "RMSNorm", "MultiheadAttention", "CrossEntropyLoss", "GatedMLP",
+           "SwiGLU", "gated_activation"]
 
 
 class Softmax(torch.nn.Softmax):
@@ -157,3 +158,75 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+
+# Hugging Face ``hidden_act`` names -> GatedMLP activations (gelu_new is the tanh form too).
+_HF_GATED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                         "gelu": "gelu"}
+GATED_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+
+
+def gated_activation(hidden_act: str) -> str:
+    """The :class:`GatedMLP` activation for a Hugging Face ``config.hidden_act`` name.
+
+    ``"silu"``/``"swish"`` -> ``"silu"``, ``"gelu_pytorch_tanh"``/``"gelu_new"`` ->
+    ``"gelu_tanh"``, ``"gelu"`` -> ``"gelu"``; anything else raises ValueError.
+    """
+    try:
+        return _HF_GATED_ACTIVATIONS[hidden_act]
+    except (KeyError, TypeError):
+        raise ValueError(f"gated_activation(): no fused gated activation for hidden_act={hidden_act!r}; known: "
+                         f"{sorted(_HF_GATED_ACTIVATIONS)}") from None
+
+
+class GatedMLP(torch.nn.Module):
+    """The gated MLP of Llama, Mistral, Qwen, Gemma and Phi-3: ``down_proj(act(gate_proj(x)) * up_proj(x))``.
+
+    The gating runs llmfast's fused :func:`~llmfast.nn.functional.swiglu` /
+    :func:`~llmfast.nn.functional.geglu`. Submodules are plain ``torch.nn.Linear``:
+    ``gate_proj``, ``up_proj`` and ``down_proj``, or with ``packed=True`` one
+    ``gate_up_proj`` (``[2 * intermediate_size, hidden_size]``, gate rows first, as
+    Phi-3's) and ``down_proj``, so a Hugging Face ``LlamaMLP`` / ``GemmaMLP`` (or
+    ``Phi3MLP``) ``state_dict`` loads as is (``bias`` is their ``mlp_bias``).
+
+    ``activation``: ``"silu"`` (SwiGLU), ``"gelu_tanh"`` (GeGLU, Gemma's
+    ``gelu_pytorch_tanh``) or ``"gelu"`` (exact GeGLU); :func:`gated_activation`
+    translates a Hugging Face ``hidden_act``.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, activation: str = "silu",
+                 packed: bool = False, device=None, dtype=None):
+        super().__init__()
+        if activation not in GATED_ACTIVATIONS:
+            raise ValueError(f"GatedMLP: activation must be one of {GATED_ACTIVATIONS}, got {activation!r}")
+        factory = dict(device=device, dtype=dtype)
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.activation, self.packed = activation, bool(packed)
+        if self.packed:
+            self.gate_up_proj = torch.nn.Linear(hidden_size, 2 * intermediate_size, bias=bias, **factory)
+        else:
+            self.gate_proj = torch.nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
+            self.up_proj = torch.nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
+        self.down_proj = torch.nn.Linear(intermediate_size, hidden_size, bias=bias, **factory)
+
+    def _gated(self, gate: Tensor, up: Optional[Tensor]) -> Tensor:
+        if self.activation == "silu":
+            return F.swiglu(gate, up)
+        return F.geglu(gate, up, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.packed:
+            return self.down_proj(self._gated(self.gate_up_proj(x), None))
+        return self.down_proj(self._gated(self.gate_proj(x), self.up_proj(x)))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, packed={self.packed}"
+
+
+class SwiGLU(GatedMLP):
+    """:class:`GatedMLP` with the silu activation (Llama's MLP)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, packed: bool = False,
+                 device=None, dtype=None):
+        super().__init__(hidden_size, intermediate_size, bias=bias, activation="silu", packed=packed, device=device,
+                         dtype=dtype)
