@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <initializer_list>
 #include <optional>
 #include <utility>
@@ -97,6 +98,26 @@ inline void check_mask(const char* op, const Tensor& mask, at::IntArrayRef sizes
   TORCH_CHECK(mask.sizes() == sizes, op, ": mask must be viewed as ", sizes, ", got ", mask.sizes());
   check_dtype(op, "mask", mask, {at::kBool, at::kFloat});
   check_device(op, "mask", mask, like);
+}
+
+// Attention's options beyond SDPA (llmfast/ops/attention.py): window bounds >= -1 (-1 =
+// unbounded), softcap >= 0 and finite, sinks None or [H] float32 on q's device.
+inline void check_attention_options(const char* op, const Tensor& q, int64_t window_left, int64_t window_right,
+                                    double softcap, const std::optional<Tensor>& sinks) {
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, op, ": window bounds must be >= -1 (-1 = unbounded), got (",
+              window_left, ", ", window_right, ")");
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": softcap must be finite and >= 0, got ", softcap);
+  if (defined(sinks)) check_vector(op, "sinks", *sinks, q.size(1), at::kFloat, q);
+}
+
+// Kernels that implement plain (top-left causal) attention only: the op layer routes calls
+// with a window, bottom-right causal, softcap or sinks elsewhere (OpSpec.features); a direct
+// call with them is refused rather than answered wrongly.
+inline void check_attention_plain(const char* op, int64_t window_left, int64_t window_right, bool bottom_right,
+                                  double softcap, const std::optional<Tensor>& sinks) {
+  TORCH_CHECK(window_left == -1 && window_right == -1 && !bottom_right && softcap == 0.0 && !defined(sinks), op,
+              ": window, bottom_right, softcap and sinks are not implemented by these kernels ",
+              "(use the cpu or torch backend)");
 }
 
 // norm_fwd's arguments (llmfast/ops/norm.py): input [M, N] rows; residual None or like input;

@@ -456,11 +456,21 @@ def _common(q, k, v, mask, dropout_p, seed):
                 interp=interp, seed=int(seed) if drop else 0)
 
 
-def attention_fwd(q, k, v, mask, scale, is_causal, dropout_p, seed):
+def _plain_only(who, window_left, window_right, bottom_right, softcap, sinks):
+    """These kernels implement top-left causal attention without window, softcap or sinks;
+    the op layer (OpSpec.features) sends calls that use those elsewhere."""
+    if window_left != -1 or window_right != -1 or bottom_right or softcap != 0.0 or sinks is not None:
+        raise RuntimeError(f"llmfast::{who}_triton: window, bottom_right, softcap and sinks are not implemented "
+                           "in the Triton kernels (use the cpu or torch backend)")
+
+
+def attention_fwd(q, k, v, mask, scale, is_causal, dropout_p, seed, window_left=-1, window_right=-1,
+                  bottom_right=False, softcap=0.0, sinks=None):
     """q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] (last dim contiguous); mask None or a
     [B, H, L, S] bool/float32 view. Returns (out [B, H, L, Dv] contiguous, lse [B, H, L] fp32)."""
     import torch
 
+    _plain_only("attention_fwd", window_left, window_right, bottom_right, softcap, sinks)
     c = _common(q, k, v, mask, dropout_p, seed)
     B, H, L, D, S, DV = c["B"], c["H"], c["L"], c["D"], c["S"], c["DV"]
     out = torch.empty((B, H, L, DV), dtype=q.dtype, device=q.device)
@@ -476,17 +486,21 @@ def attention_fwd(q, k, v, mask, scale, is_causal, dropout_p, seed):
     return out, lse
 
 
-def attention_bwd(grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p, seed):
-    """Returns (dq, dk, dv), contiguous, shaped like q, k, v (dk/dv summed over each GQA group)."""
+def attention_bwd(grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p, seed, window_left=-1,
+                  window_right=-1, bottom_right=False, softcap=0.0, sinks=None):
+    """Returns (dq, dk, dv, dsinks): dq, dk, dv contiguous, shaped like q, k, v (dk/dv summed
+    over each GQA group); dsinks is an empty fp32 [0] (no sinks here)."""
     import torch
 
+    _plain_only("attention_bwd", window_left, window_right, bottom_right, softcap, sinks)
+    no_sinks = torch.empty((0,), dtype=torch.float32, device=q.device)
     c = _common(q, k, v, mask, dropout_p, seed)
     B, H, L, D, Hkv, S, DV = c["B"], c["H"], c["L"], c["D"], c["Hkv"], c["S"], c["DV"]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if L == 0 or S == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), no_sinks
     grad_out = grad_out.contiguous()
     out = out.contiguous()
     lse = lse.contiguous()
@@ -505,7 +519,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p
     _launch(_attn_bwd_dq_kernel, "bwd", lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H),
             (q, k, v, c["m_arg"], grad_out, lse, delta, dq, *common, H, H // Hkv, L, S, D, DV, *tail),
             dict(meta, _L=L, _S=S), c["bucket"], tune_key, c["interp"])
-    return dq, dk, dv
+    return dq, dk, dv, no_sinks
 
 
 # ----------------------------------------------------------------------------------

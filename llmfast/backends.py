@@ -51,6 +51,10 @@ class OpSpec:
     ``cpu_dtypes``: the cpu backend's, when it takes more (float64).
     ``notes``: per-backend remarks shown by ``llmfast info`` (e.g. features that are
     served by the reference).
+    ``features``: the optional features of the op (``{"window", "softcap", ...}``) that
+    each backend's kernels implement; a backend not listed implements them all. A call
+    that needs a feature a backend lacks runs on the next backend that has it, or on
+    the torch reference (see :func:`resolve`).
     """
 
     name: str
@@ -58,6 +62,12 @@ class OpSpec:
     dtypes: tuple = FLOAT_DTYPES
     cpu_dtypes: tuple | None = FLOAT_DTYPES + (torch.float64,)
     notes: dict = field(default_factory=dict)
+    features: dict = field(default_factory=dict)
+
+    def supports(self, backend: str, needs: frozenset) -> bool:
+        """Whether ``backend``'s kernels implement every optional feature in ``needs``."""
+        have = self.features.get(backend)
+        return backend == "torch" or have is None or needs <= have
 
     def dtypes_for(self, backend: str) -> tuple:
         """The dtypes ``backend``'s kernels take (the cpu backend may take more, e.g. float64)."""
@@ -204,8 +214,9 @@ def backend(name: str):
         _choice.reset(token)
 
 
-def _resolve_cached(op: str, device_type: str, dtype: torch.dtype, requested: str) -> str:
-    return _resolve(op, device_type, dtype, requested)
+def _resolve_cached(op: str, device_type: str, dtype: torch.dtype, requested: str,
+                    needs: frozenset = frozenset()) -> str:
+    return _resolve(op, device_type, dtype, requested, needs)
 
 
 # What torch.compiler.assume_constant_result does (torch 2.14: it sets this flag), without
@@ -215,11 +226,12 @@ _resolve_cached._dynamo_marked_constant = True
 
 
 @functools.lru_cache(maxsize=None)
-def _resolve(op: str, device_type: str, dtype: torch.dtype, requested: str) -> str:
+def _resolve(op: str, device_type: str, dtype: torch.dtype, requested: str, needs: frozenset = frozenset()) -> str:
     spec = OPS[op]
     if requested == "auto":
         for name in _AUTO_ORDER.get(device_type, ("torch",)):
-            if name == "torch" or (why_not(op, name, device_type) is None and dtype in spec.dtypes_for(name)):
+            if name == "torch" or (why_not(op, name, device_type) is None and dtype in spec.dtypes_for(name)
+                                   and spec.supports(name, needs)):
                 return name
         return "torch"
     reason = why_not(op, requested, device_type)
@@ -229,9 +241,18 @@ def _resolve(op: str, device_type: str, dtype: torch.dtype, requested: str) -> s
     if requested != "torch" and dtype not in dtypes:
         raise BackendUnavailableError(
             f"llmfast backend {requested!r} does not support {dtype} for {op}; supported: {list(dtypes)}")
+    if not spec.supports(requested, needs):
+        # the backend runs this op, but its kernels lack a feature of this call: the
+        # reference serves it (as for float64 on the GPU backends); `llmfast info` says which
+        return "torch"
     return requested
 
 
-def resolve(op: str, tensor: torch.Tensor) -> str:
-    """The backend that runs ``op`` for ``tensor`` under the current setting."""
-    return _resolve_cached(op, tensor.device.type, tensor.dtype, current())
+def resolve(op: str, tensor: torch.Tensor, needs: frozenset = frozenset()) -> str:
+    """The backend that runs ``op`` for ``tensor`` under the current setting.
+
+    ``needs``: the optional features of this call (:attr:`OpSpec.features`); a backend
+    whose kernels lack one is passed over (auto) or replaced by the torch reference
+    (an explicit choice).
+    """
+    return _resolve_cached(op, tensor.device.type, tensor.dtype, current(), needs)

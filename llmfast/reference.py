@@ -150,15 +150,44 @@ def dropout_keep(seed, p: float, B: int, H: int, L: int, S: int, device) -> torc
     return r >= dropout_threshold(p)
 
 
-def attention(q, k, v, mask=None, *, scale=None, is_causal=False, dropout_p=0.0, seed=0):
+def band_keep(L: int, S: int, device, *, is_causal=False, window=(-1, -1), bottom_right=False):
+    """[L, S] bool: key j visible to query i under causal / sliding-window banding.
+
+    With ``off = S - L`` when ``bottom_right`` (FlashAttention 2's alignment: the last
+    query sees the last key) and 0 otherwise (torch's top-left ``tril``), key j is
+    visible iff ``i + off - left <= j <= i + off + right`` (``window = (left, right)``,
+    inclusive, -1 = unbounded on that side) and, when ``is_causal``, ``j <= i + off``.
+    """
+    left, right = window
+    off = S - L if bottom_right else 0
+    i = torch.arange(L, device=device).view(L, 1) + off
+    j = torch.arange(S, device=device).view(1, S)
+    keep = torch.ones(L, S, dtype=torch.bool, device=device)
+    if is_causal:
+        keep &= j <= i
+    if left >= 0:
+        keep &= j >= i - left
+    if right >= 0:
+        keep &= j <= i + right
+    return keep
+
+
+def attention(q, k, v, mask=None, *, scale=None, is_causal=False, dropout_p=0.0, seed=0, window=(-1, -1),
+              bottom_right=False, softcap=0.0, sinks=None):
     """softmax(q kᵀ·scale + mask) v, and the log-sum-exp of each row.
 
     q: [B, H, L, D], k: [B, Hkv, S, D], v: [B, Hkv, S, Dv] with H % Hkv == 0 (query
     head h reads key/value head h // (H // Hkv)). ``mask`` broadcasts to [B, H, L, S]:
     bool (True = attend) or additive float. ``is_causal`` keeps key j <= query i
-    (top-left, ``torch.tril``). A row that sees no key gives zeros (zero gradient)
-    and lse -inf. ``dropout_p`` drops probabilities with :func:`dropout_keep`
-    (scaled by 1/(1 - p)); lse is that of the undropped softmax.
+    (top-left, ``torch.tril``; bottom-right, FlashAttention 2's, when ``bottom_right``),
+    ``window = (left, right)`` keeps the band of :func:`band_keep`. ``softcap`` c > 0
+    replaces the scaled scores s by ``c·tanh(s/c)`` (Gemma 2; tanh saturates, so nothing
+    overflows) before the mask is added. ``sinks`` [H] (float, one logit per query head,
+    gpt-oss) join every row's softmax denominator as an extra column that is then dropped:
+    p_ij = exp(z_ij - lse_i) with lse_i = log(Σ_j exp(z_ij) + exp(sink_h)). A row that sees
+    no key gives zeros (zero gradient) and lse -inf (lse = sink with sinks). ``dropout_p``
+    drops probabilities with :func:`dropout_keep` (scaled by 1/(1 - p)); lse is that of
+    the undropped softmax.
 
     Returns ``(out [B, H, L, Dv] in q's dtype, lse [B, H, L] float32)``.
     """
@@ -168,21 +197,32 @@ def attention(q, k, v, mask=None, *, scale=None, is_causal=False, dropout_p=0.0,
         # Scores, softmax and accumulation in fp32, as torch's own CPU/GPU kernels do: in
         # bf16 the rounded scores and probabilities cost ~10x torch's error at |q.k| ~ 100.
         out, lse = attention(q.float(), k.float(), v.float(), mask, scale=scale, is_causal=is_causal,
-                             dropout_p=dropout_p, seed=seed)
+                             dropout_p=dropout_p, seed=seed, window=window, bottom_right=bottom_right,
+                             softcap=softcap, sinks=None if sinks is None else sinks.float())
         return out.to(q.dtype), lse
     if H != Hkv:
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
     scale = D ** -0.5 if scale is None else scale
     z = (q @ k.transpose(-1, -2)) * scale
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
     if mask is not None:
         z = z.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else z + mask.to(z.dtype)
-    if is_causal:
-        z = z.masked_fill(~causal_keep(L, S, z.device), float("-inf"))
-    lse = torch.logsumexp(z, -1) if S > 0 else z.new_full((B, H, L), float("-inf"))
-    p = torch.softmax(z, -1)
-    dead = torch.isneginf(lse).unsqueeze(-1)
-    if S > 0 and (mask is not None or is_causal):
+    banded = is_causal or tuple(window) != (-1, -1)
+    if banded:
+        z = z.masked_fill(~band_keep(L, S, z.device, is_causal=is_causal, window=tuple(window),
+                                     bottom_right=bottom_right), float("-inf"))
+    if sinks is not None:
+        # the sink column: exp(sink) joins the denominator, its probability is dropped
+        zs = torch.cat([z, sinks.to(z.dtype).view(1, H, 1, 1).expand(B, H, L, 1)], -1)
+        lse = torch.logsumexp(zs, -1)
+        p = torch.softmax(zs, -1)[..., :S]
+    else:
+        lse = torch.logsumexp(z, -1) if S > 0 else z.new_full((B, H, L), float("-inf"))
+        p = torch.softmax(z, -1)
+    if sinks is None and S > 0 and (mask is not None or banded):
+        dead = torch.isneginf(lse).unsqueeze(-1)
         p = p.masked_fill(dead, 0.0)  # no visible key: zeros and zero gradient, not NaN
     if dropout_p > 0:
         if dropout_p >= 1:

@@ -40,7 +40,8 @@ def fwd(q, k, v, mask=None, scale=None, causal=False, dropout_p=0.0, seed=0):
 
 def bwd(dout, q, k, v, out, lse, mask=None, scale=None, causal=False, dropout_p=0.0, seed=0):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return attention_bwd.on("cuda", DEV)(dout, q, k, v, out, lse, mask, scale, causal, dropout_p, seed)
+    # (dq, dk, dv); the 4th output, dsinks, is empty: these kernels take no sinks
+    return attention_bwd.on("cuda", DEV)(dout, q, k, v, out, lse, mask, scale, causal, dropout_p, seed)[:3]
 
 
 def reference(q, k, v, dout, mask=None, scale=None, causal=False, keep=None, dropout_p=0.0, dtype=torch.float64):

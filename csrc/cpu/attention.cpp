@@ -434,8 +434,11 @@ Problem check_problem(const Tensor& q, const Tensor& k, const Tensor& v, const s
 
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const std::optional<Tensor>& mask, double scale, bool is_causal,
-                                         double dropout_p, int64_t seed) {
+                                         double dropout_p, int64_t seed, int64_t window_left, int64_t window_right,
+                                         bool bottom_right, double softcap, const std::optional<Tensor>& sinks) {
   const char* who = "llmfast::attention_fwd";
+  check_attention_options(who, q, window_left, window_right, softcap, sinks);
+  check_attention_plain(who, window_left, window_right, bottom_right, softcap, sinks);
   const Problem P = check_problem(q, k, v, mask, scale, is_causal, dropout_p, seed, who);
   Tensor out = at::empty({P.B, P.H, P.L, P.Dv}, q.options());
   Tensor lse = at::empty({P.B, P.H, P.L}, q.options().dtype(at::kFloat));
@@ -630,11 +633,16 @@ void bwd_impl(const Problem& P, const View& q, const View& k, const View& dO, co
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,
-                                                 const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                 const std::optional<Tensor>& mask, double scale, bool is_causal,
-                                                 double dropout_p, int64_t seed) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                                         const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                         const std::optional<Tensor>& mask, double scale,
+                                                         bool is_causal, double dropout_p, int64_t seed,
+                                                         int64_t window_left, int64_t window_right, bool bottom_right,
+                                                         double softcap, const std::optional<Tensor>& sinks) {
   const char* who = "llmfast::attention_bwd";
+  check_attention_options(who, q, window_left, window_right, softcap, sinks);
+  check_attention_plain(who, window_left, window_right, bottom_right, softcap, sinks);
+  Tensor dsinks = at::empty({0}, q.options().dtype(at::kFloat));
   const Problem P = check_problem(q, k, v, mask, scale, is_causal, dropout_p, seed, who);
   TORCH_CHECK(out.sizes() == at::IntArrayRef({P.B, P.H, P.L, P.Dv}) && grad_out.sizes() == out.sizes(), who,
               ": out and grad_out must be [B, H, L, Dv] = [", P.B, ", ", P.H, ", ", P.L, ", ", P.Dv, "], got ",
@@ -646,12 +654,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
   Tensor dq = at::empty(q.sizes(), q.options());
   Tensor dk = at::empty(k.sizes(), k.options());
   Tensor dv = at::empty(v.sizes(), v.options());
-  if (dq.numel() == 0 && dk.numel() == 0 && dv.numel() == 0) return {dq, dk, dv};
+  if (dq.numel() == 0 && dk.numel() == 0 && dv.numel() == 0) return {dq, dk, dv, dsinks};
   if (P.L == 0 || P.S == 0) {
     dq.zero_();
     dk.zero_();
     dv.zero_();
-    return {dq, dk, dv};
+    return {dq, dk, dv, dsinks};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "llmfast_attention_bwd_cpu", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
@@ -687,7 +695,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
       }
     }
   });
-  return {dq, dk, dv};
+  return {dq, dk, dv, dsinks};
 }
 
 }  // namespace

@@ -1030,7 +1030,9 @@ void check_smem(const char* op, int needed) {
 
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const std::optional<Tensor>& mask, double scale, bool is_causal,
-                                         double dropout_p, int64_t seed) {
+                                         double dropout_p, int64_t seed, int64_t window_left, int64_t window_right,
+                                         bool bottom_right, double softcap, const std::optional<Tensor>& sinks) {
+  check_attention_plain(kFwd, window_left, window_right, bottom_right, softcap, sinks);
   const Shapes s = check_qkv(kFwd, q, k, v);
   AttnParams p;
   set_common(p, kFwd, q, k, v, s, mask, scale, is_causal, dropout_p, seed);
@@ -1048,10 +1050,14 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,
-                                                 const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                 const std::optional<Tensor>& mask, double scale, bool is_causal,
-                                                 double dropout_p, int64_t seed) {
+// Returns (dq, dk, dv, dsinks); dsinks is an empty float32 [0] (these kernels take no sinks).
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                                         const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                         const std::optional<Tensor>& mask, double scale,
+                                                         bool is_causal, double dropout_p, int64_t seed,
+                                                         int64_t window_left, int64_t window_right, bool bottom_right,
+                                                         double softcap, const std::optional<Tensor>& sinks) {
+  check_attention_plain(kBwd, window_left, window_right, bottom_right, softcap, sinks);
   const Shapes s = check_qkv(kBwd, q, k, v);
   AttnParams p;
   set_common(p, kBwd, q, k, v, s, mask, scale, is_causal, dropout_p, seed);
@@ -1067,12 +1073,13 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
   Tensor dq = at::empty({s.B, s.H, s.L, s.D}, q.options());
   Tensor dk = at::empty({s.B, s.Hkv, s.S, s.D}, q.options());
   Tensor dv = at::empty({s.B, s.Hkv, s.S, s.Dv}, q.options());
+  Tensor dsinks = at::empty({0}, q.options().dtype(at::kFloat));
   if (s.B * s.H * s.L == 0 || s.S == 0) {
     // No query rows: dK = dV = 0. No keys: every row is fully masked, dQ = 0.
     dq.zero_();
     dk.zero_();
     dv.zero_();
-    return {dq, dk, dv};
+    return {dq, dk, dv, dsinks};
   }
   const Tensor dO = last_dim_contiguous(grad_out), o = last_dim_contiguous(out), lse_c = lse.contiguous();
   p.out = const_cast<void*>(o.const_data_ptr());  // read only in the backward
@@ -1095,7 +1102,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const T
   check_launch(attention_bwd_delta_launch(p, dt, stream));
   check_launch(attention_bwd_dkdv_launch(p, dt, stream));
   check_launch(attention_bwd_dq_launch(p, dt, stream));
-  return {dq, dk, dv};
+  return {dq, dk, dv, dsinks};
 }
 
 }  // namespace

@@ -22,49 +22,76 @@ from llmfast.backends import OpSpec
 from llmfast.ops._library import create_graph, grads_by_recompute, kernel
 
 
-def _fwd_fake(q, k, v, mask, scale, is_causal, dropout_p, seed):
+def _fwd_fake(q, k, v, mask, scale, is_causal, dropout_p, seed, window_left=-1, window_right=-1, bottom_right=False,
+              softcap=0.0, sinks=None):
     B, H, L, _ = q.shape
     return q.new_empty((B, H, L, v.shape[-1])), q.new_empty((B, H, L), dtype=torch.float32)
 
 
-def _bwd_fake(grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p, seed):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _bwd_fake(grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p, seed, window_left=-1, window_right=-1,
+              bottom_right=False, softcap=0.0, sinks=None):
+    dsinks = q.new_empty((0,) if sinks is None else sinks.shape, dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
+
+
+# The options after `seed`, in schema order (window_left, window_right, bottom_right,
+# softcap); `sinks` is a tensor and travels with the saved tensors.
+_N_OPTS = 4
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, scale, is_causal, dropout_p, seed = inputs
+    q, k, v, mask, scale, is_causal, dropout_p, seed, *opts, sinks = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask)
-    ctx.args = (scale, is_causal, dropout_p, seed)
+    ctx.save_for_backward(q, k, v, out, lse, mask, sinks)
+    ctx.args = (scale, is_causal, dropout_p, seed, *opts)
     ctx.mark_non_differentiable(lse)
 
 
-def _recompute_backward(ctx, grad_out, q, k, v, mask, scale, is_causal, dropout_p, seed):
-    """(dq, dk, dv) with graph, for double backward: the reference (same dropout mask) differentiated."""
-    def fn(q_, k_, v_):
+def _recompute_backward(ctx, grad_out, q, k, v, mask, sinks, scale, is_causal, dropout_p, seed, window_left,
+                        window_right, bottom_right, softcap):
+    """(dq, dk, dv, dsinks) with graph, for double backward: the reference (same dropout mask) differentiated."""
+    def fn(q_, k_, v_, sinks_):
         return reference.attention(q_, k_, v_, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
-                                   seed=seed)[0]
-    return tuple(grads_by_recompute(fn, (q, k, v), ctx.needs_input_grad[:3], (grad_out,)))
+                                   seed=seed, window=(window_left, window_right), bottom_right=bottom_right,
+                                   softcap=softcap, sinks=sinks_)[0]
+    needed = tuple(ctx.needs_input_grad[:3]) + (sinks is not None and ctx.needs_input_grad[-1],)
+    return tuple(grads_by_recompute(fn, (q, k, v, sinks), needed, (grad_out,)))
 
 
 def _backward(ctx, bwd, grad_out, grad_lse):
-    q, k, v, out, lse, mask = ctx.saved_tensors
+    q, k, v, out, lse, mask, sinks = ctx.saved_tensors
     if create_graph():
-        return _recompute_backward(ctx, grad_out, q, k, v, mask, *ctx.args) + (None,) * 5
-    dq, dk, dv = bwd(grad_out.to(out.dtype).contiguous(), q, k, v, out, lse, mask, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv, dsinks = _recompute_backward(ctx, grad_out, q, k, v, mask, sinks, *ctx.args)
+    else:
+        dq, dk, dv, dsinks = bwd(grad_out.to(out.dtype).contiguous(), q, k, v, out, lse, mask, *ctx.args, sinks)
+    return (dq, dk, dv) + (None,) * (5 + _N_OPTS) + (dsinks if sinks is not None else None,)
 
 
-# Returns (dq, dk, dv) shaped like q, k, v (dk/dv summed over each GQA group).
+# The options beyond torch's SDPA (FlashAttention 2's, and gpt-oss's sinks), in one op
+# so that every backend sees one problem: with off = S - L when bottom_right (FA2's
+# alignment: the last query row sees the last key) and off = 0 otherwise (torch's
+# top-left), key j is visible to query i iff
+#     (not is_causal or j <= i + off) and i + off - window_left <= j <= i + off + window_right
+# (a window bound of -1 is unbounded), and the mask allows it. softcap c > 0 turns the
+# scaled score s into c*tanh(s/c) before the mask is added. sinks: None or [H] fp32 logits,
+# one per query head, that join each row's softmax denominator (gpt-oss); the backward
+# returns their gradient as a 4th output ([H] fp32; [0] without sinks). The defaults
+# (-1, -1, False, 0.0, None) are plain attention, and the backends whose kernels lack an
+# option never get a call that uses it: OpSpec.features routes such calls (see `_needs`).
+_OPTS_SCHEMA = "int window_left=-1, int window_right=-1, bool bottom_right=False, float softcap=0.0, Tensor? sinks=None"
+
+# Returns (dq, dk, dv, dsinks): dq, dk, dv shaped like q, k, v (dk/dv summed over each
+# GQA group); dsinks [H] fp32 (a [0] tensor without sinks).
 attention_bwd = kernel(
     "attention_bwd", "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
-    "float scale, bool is_causal, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)", _bwd_fake,
-    triton="attention:attention_bwd")
+    f"float scale, bool is_causal, float dropout_p, int seed, {_OPTS_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor)",
+    _bwd_fake, triton="attention:attention_bwd")
 # softmax(q k^T * scale + mask) v, tile by tile with an online softmax. q: [B, H, L, D],
 # k: [B, Hkv, S, D], v: [B, Hkv, S, Dv]; H % Hkv == 0 (GQA: query head h reads kv head
 # h / (H / Hkv)). Last dims contiguous, other strides free. mask: None, or bool (True =
 # attend) / float32 (additive) viewed as [B, H, L, S] with any strides. is_causal keeps
-# key j <= query i (top-left, torch.tril). dropout_p > 0 drops probabilities with a
+# key j <= query i (top-left, torch.tril; bottom-right with bottom_right), the window and
+# softcap and sinks options as above. dropout_p > 0 drops probabilities with a
 # counter-based RNG keyed by `seed`, so backward regenerates the same mask. The draw is
 # the same on every backend: element (b, h, i, j) is kept iff word 0 of Philox4x32-10
 # with counter (j, i, b*H + h, 0) and key (seed & 0xffffffff, seed >> 32) is >=
@@ -72,18 +99,24 @@ attention_bwd = kernel(
 # 1 / (1 - dropout_p); lse is that of the undropped softmax (reference.dropout_keep is
 # the executable spec). Callers handle dropout_p >= 1. Returns out [B, H, L, Dv]
 # (contiguous, input dtype) and lse [B, H, L] (float32; -inf for a row with no visible
-# key, whose out is zeros and whose gradients are zero).
+# key, whose out is zeros and whose gradients are zero; with sinks, lse includes the sink).
 attention_fwd = kernel(
     "attention_fwd", "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool is_causal, float dropout_p, "
-    "int seed) -> (Tensor, Tensor)", _fwd_fake, triton="attention:attention_fwd",
+    f"int seed, {_OPTS_SCHEMA}) -> (Tensor, Tensor)", _fwd_fake, triton="attention:attention_fwd",
     autograd=(attention_bwd, _setup_context, _backward))
+
+# The optional features and which kernels implement them; the rest go to the reference.
+FEATURES = frozenset({"window", "bottom_right", "softcap", "sinks"})
+_REF_NOTE = "window, bottom_right causal, softcap and sinks run on torch"
 
 backends.register_op(OpSpec(
     "attention", kernel=attention_fwd, cpu_dtypes=None,
+    features={"triton": frozenset(), "cuda": frozenset(), "cpu": frozenset()},
     notes={
         "cpu": "fp16/bf16 computed in fp32; dropout fused (Philox, same mask as triton); "
-               "float64 and masks that need a gradient run on torch",
-        "triton": "dropout fused (Philox); bf16 dots upcast to fp32 under TRITON_INTERPRET",
+               f"float64 and masks that need a gradient run on torch; {_REF_NOTE}",
+        "triton": f"dropout fused (Philox); bf16 dots upcast to fp32 under TRITON_INTERPRET; {_REF_NOTE}",
+        "cuda": _REF_NOTE,
         "torch": "reference: materialises the L x S scores",
     }))
 
@@ -97,44 +130,51 @@ backends.register_op(OpSpec(
 
 @torch.library.custom_op("llmfast::attention_fwd_seeded", mutates_args=())
 def attention_fwd_seeded(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool,
-                         dropout_p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    return attention_fwd.on(backend, q.device.type)(q, k, v, mask, scale, is_causal, dropout_p, int(seed.item()))
+                         dropout_p: float, seed: Tensor, backend: str, window_left: int = -1, window_right: int = -1,
+                         bottom_right: bool = False, softcap: float = 0.0,
+                         sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    return attention_fwd.on(backend, q.device.type)(q, k, v, mask, scale, is_causal, dropout_p, int(seed.item()),
+                                                    window_left, window_right, bottom_right, softcap, sinks)
 
 
 @torch.library.custom_op("llmfast::attention_bwd_seeded", mutates_args=())
 def attention_bwd_seeded(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                          mask: Optional[Tensor], scale: float, is_causal: bool, dropout_p: float, seed: Tensor,
-                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                         backend: str, window_left: int = -1, window_right: int = -1, bottom_right: bool = False,
+                         softcap: float = 0.0, sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return attention_bwd.on(backend, q.device.type)(grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p,
-                                                    int(seed.item()))
+                                                    int(seed.item()), window_left, window_right, bottom_right,
+                                                    softcap, sinks)
 
 
 @attention_fwd_seeded.register_fake
-def _(q, k, v, mask, scale, is_causal, dropout_p, seed, backend):
-    return _fwd_fake(q, k, v, mask, scale, is_causal, dropout_p, 0)
+def _(q, k, v, mask, scale, is_causal, dropout_p, seed, backend, *opts):
+    return _fwd_fake(q, k, v, mask, scale, is_causal, dropout_p, 0, *opts)
 
 
 @attention_bwd_seeded.register_fake
-def _(grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p, seed, backend):
-    return _bwd_fake(grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p, 0)
+def _(grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p, seed, backend, *opts):
+    return _bwd_fake(grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p, 0, *opts)
 
 
 def _seeded_setup_context(ctx, inputs, output):
-    q, k, v, mask, scale, is_causal, dropout_p, seed, backend = inputs
+    q, k, v, mask, scale, is_causal, dropout_p, seed, backend, *opts, sinks = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+    ctx.save_for_backward(q, k, v, out, lse, mask, seed, sinks)
     ctx.args = (scale, is_causal, dropout_p)
+    ctx.opts = tuple(opts)
     ctx.backend = backend
     ctx.mark_non_differentiable(lse)
 
 
 def _seeded_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, mask, seed = ctx.saved_tensors
+    q, k, v, out, lse, mask, seed, sinks = ctx.saved_tensors
     if create_graph():
-        return _recompute_backward(ctx, grad_out, q, k, v, mask, *ctx.args, seed) + (None,) * 6
-    dq, dk, dv = attention_bwd_seeded(grad_out.to(out.dtype).contiguous(), q, k, v, out, lse, mask, *ctx.args, seed,
-                                      ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None
+        dq, dk, dv, dsinks = _recompute_backward(ctx, grad_out, q, k, v, mask, sinks, *ctx.args, seed, *ctx.opts)
+    else:
+        dq, dk, dv, dsinks = attention_bwd_seeded(grad_out.to(out.dtype).contiguous(), q, k, v, out, lse, mask,
+                                                  *ctx.args, seed, ctx.backend, *ctx.opts, sinks)
+    return (dq, dk, dv) + (None,) * (6 + _N_OPTS) + (dsinks if sinks is not None else None,)
 
 
 attention_fwd_seeded.register_autograd(_seeded_backward, setup_context=_seeded_setup_context)
@@ -154,33 +194,78 @@ def _last_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
+def _canonical_band(L: int, S: int, is_causal: bool, window, bottom_right: bool):
+    """(is_causal, window_left, window_right, bottom_right) with what changes nothing dropped.
+
+    A window bound that reaches past every key is unbounded; a right bound >= 0 under
+    causal adds nothing; (left, 0) without causal is causal with a left bound; the
+    alignment matters only for a band with L != S. So calls that are plain or causal
+    attention in disguise reach every backend's kernels.
+    """
+    left, right = (int(w) for w in window)
+    off = S - L if bottom_right else 0
+    if left >= 0 and L - 1 + off - left <= 0:  # even the last row's lower bound is <= key 0
+        left = -1
+    if right == 0 and not is_causal:
+        is_causal, right = True, -1
+    if right >= 0 and (is_causal or off + right >= S - 1):  # the bound is past the causal edge / every key
+        right = -1
+    if (not is_causal and left < 0 and right < 0) or L == S:
+        bottom_right = False
+    return bool(is_causal), left, right, bool(bottom_right)
+
+
+def _needs(is_causal, left, right, bottom_right, softcap, sinks) -> frozenset:
+    """The optional features (OpSpec.features) a canonical call uses."""
+    need = set()
+    if left >= 0 or right >= 0:
+        need.add("window")
+    if bottom_right:
+        need.add("bottom_right")
+    if softcap:
+        need.add("softcap")
+    if sinks is not None:
+        need.add("sinks")
+    return frozenset(need)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, *, scale: Optional[float] = None,
-              is_causal: bool = False, dropout_p: float = 0.0, seed: Optional[int] = None):
+              is_causal: bool = False, dropout_p: float = 0.0, seed: Optional[int] = None, window=(-1, -1),
+              bottom_right: bool = False, softcap: float = 0.0, sinks: Optional[Tensor] = None):
     """Fused attention on canonical shapes; returns ``(out [B, H, L, Dv], lse [B, H, L] fp32)``.
 
-    Arguments are assumed checked (``llmfast.nn.functional`` does that): q [B, H, L, D],
-    k [B, Hkv, S, D], v [B, Hkv, S, Dv] of one float dtype with H % Hkv == 0; ``mask``
-    broadcastable to [B, H, L, S], bool (True = attend) or additive float.
+    Arguments are assumed checked (``llmfast.nn.functional`` and ``llmfast.flash_attn``
+    do that): q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] of one float dtype with
+    H % Hkv == 0; ``mask`` broadcastable to [B, H, L, S], bool (True = attend) or
+    additive float; ``window = (left, right)`` (each >= -1), ``bottom_right``, ``softcap``
+    (>= 0) and ``sinks`` ([H], any float dtype, computed in fp32) as in
+    :func:`llmfast.reference.attention`. A backend whose kernels lack an option this
+    call uses is passed over for the next one (or the torch reference).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dropout_p = float(dropout_p)
+    softcap = float(softcap)
+    B, H, L, _ = q.shape
+    S = k.shape[2]
+    is_causal, left, right, bottom_right = _canonical_band(L, S, is_causal, window, bottom_right)
     if dropout_p > 0 and seed is None:
         seed = draw_seed()
-    which = backends.resolve("attention", q)
+    which = backends.resolve("attention", q, _needs(is_causal, left, right, bottom_right, softcap, sinks))
     if which != "torch" and mask is not None and mask.requires_grad:
         which = "torch"  # the kernels give no gradient for an additive mask; autograd through the reference does
     seed = 0 if seed is None else seed  # an int, or a tensor from draw_seed()
     if which == "torch" or dropout_p >= 1:
         return reference.attention(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
-                                   seed=seed)
-    B, H, L, _ = q.shape
-    S = k.shape[2]
+                                   seed=seed, window=(left, right), bottom_right=bottom_right, softcap=softcap,
+                                   sinks=sinks)
     if mask is not None:
         if mask.dtype != torch.bool:
             mask = mask.to(torch.float32)  # kernels read additive masks as fp32
         mask = mask.expand(B, H, L, S)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    if sinks is not None:
+        sinks = sinks.to(torch.float32).contiguous()  # the kernels read fp32 logits (the cast is differentiable)
+    opts = (left, right, bottom_right, softcap, sinks)
     if isinstance(seed, Tensor):
-        return attention_fwd_seeded(q, k, v, mask, scale, bool(is_causal), dropout_p, seed, which)
-    return attention_fwd.on(which, q.device.type)(q, k, v, mask, scale, bool(is_causal), dropout_p, int(seed))
-
+        return attention_fwd_seeded(q, k, v, mask, scale, is_causal, dropout_p, seed, which, *opts)
+    return attention_fwd.on(which, q.device.type)(q, k, v, mask, scale, is_causal, dropout_p, int(seed), *opts)
