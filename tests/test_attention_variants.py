@@ -102,6 +102,18 @@ def test_flash_attn_half(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("L,S,causal,window", [(130, 600, True, (50, -1)), (600, 130, False, (20, 70)),
+                                               (333, 333, False, (100, 0)), (257, 513, True, (-1, -1))])
+def test_cpu_kernel_many_blocks(backend, dtype, L, S, causal, window):
+    # longer than the forward's 64 x 256 and the backward's 64 x 64 tiles: bands that start
+    # and end inside blocks, tiles skipped on both sides, GQA, softcap and sinks together
+    q, k, v = _bshd(1, L, S, 4, 2, 32, dtype=dtype, scale=1.5)
+    sinks = torch.randn(4, device=DEVICE)
+    _check(_fa(causal=causal, window_size=window, softcap=8.0), [q, k, v, sinks], backend)
+
+
+@pytest.mark.parametrize("backend", CPU)
 def test_window_larger_than_sequence_and_window_as_causal(backend):
     q, k, v = _bshd(1, 23, 23, 2, 2, 16)
     wide = flash_attn_func(q, k, v, window_size=(1000, 1000))

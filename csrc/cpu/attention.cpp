@@ -20,6 +20,14 @@
 //             dV += Pᵀ·dO, dK += dSᵀ·Q (A read transposed), dQ += dS·K
 // with Q pre-multiplied by the softmax scale once (so S, and dK, come out scaled).
 //
+// Banding (causal, bottom-right causal, sliding window): query i sees the keys of one
+// interval [lo(i), hi(i)), both ends non-decreasing in i (Band below). Each [BM, BN] tile
+// sees the intersection of that interval with its block, and tiles wholly outside the
+// band are never computed: a window of W keys costs O(L·W), not O(L·S). softcap c > 0
+// replaces each scaled score s by c·tanh(s/c) (before the mask); its backward multiplies
+// dS by 1 - tanh². sinks [H] join each row's softmax denominator: lse includes exp(sink)
+// and dsink_h = -Σ_{b,i} exp(sink_h - lse)·Δ, Δ_i = Σ_j P_ij·dP_ij = dO_i·O_i.
+//
 // Dropout (dropout_p > 0) is fused: element (b, h, i, j) is kept iff word 0 of
 // Philox4x32-10 with counter (j, i, b·H + h, 0) and key (seed lo, seed hi) is
 // >= floor(p·2^32) — the same draw as the Triton kernel and llmfast.reference —
@@ -212,13 +220,54 @@ Tensor scaled_f32(const Tensor& q, double scale) {
   return out;
 }
 
+// The visible interval of each query row (FlashAttention 2's rule, llmfast.reference.band_keep):
+// with off = S - L when bottom-right aligned (else 0), key j is visible to query i iff
+// i + off - left <= j (left >= 0) and j <= i + off + right, right = 0 for causal, and
+// unbounded (-1) sides drop out.
+struct Band {
+  int64_t S = 0, off = 0, left = -1, right = -1;  // right: -1 = unbounded
+  int64_t lo(int64_t i) const { return left >= 0 ? std::clamp<int64_t>(i + off - left, 0, S) : 0; }
+  int64_t hi(int64_t i) const { return right >= 0 ? std::clamp<int64_t>(i + off + right + 1, 0, S) : S; }
+  // The visible part [a, b) of block [j0, j0 + nb) for row i, relative to j0 (a == b: none).
+  std::pair<int64_t, int64_t> span(int64_t i, int64_t j0, int64_t nb) const {
+    const int64_t a = std::clamp<int64_t>(lo(i) - j0, 0, nb), b = std::clamp<int64_t>(hi(i) - j0, 0, nb);
+    return {a, std::max(a, b)};
+  }
+  // Rows [first, last) that see some key of block [j0, j0 + nb), within [0, L).
+  std::pair<int64_t, int64_t> rows(int64_t j0, int64_t nb, int64_t L) const {
+    const int64_t first = right >= 0 ? std::clamp<int64_t>(j0 - off - right, 0, L) : 0;
+    const int64_t last = left >= 0 ? std::clamp<int64_t>(j0 + nb - off + left, 0, L) : L;
+    return {first, std::max(first, last)};
+  }
+};
+
 struct Problem {
   int64_t B, H, Hkv, G, L, S, D, Dv;
   float scale;
   bool causal;
+  Band band;
+  float softcap;         // 0 = off
+  const float* sinks;    // [H] fp32, or nullptr
   std::optional<MaskView> mask;
   Dropout drop;
 };
+
+// z[0, n) = c·tanh(z/c) in place (c = softcap > 0); g[0, n) = 1 - tanh² when g is given
+// (the backward's chain factor). tanh saturates, so no score overflows.
+inline void cap_scores(float* z, float* g, int64_t n, float c) {
+  const float inv = 1.f / c;
+  int64_t j = 0;
+  for (; j + VL <= n; j += VL) {
+    const Vec t = (Vec::loadu(z + j) * Vec(inv)).tanh();
+    (t * Vec(c)).store(z + j);
+    if (g) (Vec(1.f) - t * t).store(g + j);
+  }
+  if (j < n) {
+    const Vec t = (Vec::loadu(z + j, n - j) * Vec(inv)).tanh();
+    (t * Vec(c)).store(z + j, n - j);
+    if (g) (Vec(1.f) - t * t).store(g + j, n - j);
+  }
+}
 
 // Block sizes, measured on Zen 4 (fp32, D = 64, L = S = 2048; tiles from 32×512 to
 // 128×128 are within ~5% of each other). Forward: BM = 64 query rows per task (B·H·L/64
@@ -257,11 +306,6 @@ Tensor pack_transposed(const Tensor& x, int64_t bn) {
   return out;
 }
 
-// Number of keys of block [j0, j0 + nb) that query i may see under the causal mask.
-inline int64_t visible(bool causal, int64_t i, int64_t j0, int64_t nb) {
-  return causal ? std::clamp<int64_t>(i - j0 + 1, 0, nb) : nb;
-}
-
 // Run `worker(next)` once on each at::parallel_for thread; next() hands out task ids
 // 0 .. n-1 one at a time from a shared counter (-1 when none are left). Unlike
 // parallel_for's static split into n/threads chunks, a thread that is descheduled (a
@@ -298,10 +342,11 @@ void fwd_impl(const Problem& P, const Tensor& q, const Tensor& kT, const View& v
     std::vector<float> qbuf(BM * D), sbuf(BM * BN), obuf(direct ? 0 : BM * Dv), mrow(BM), lrow(BM),
         zdrop(P.drop.on ? BN : 0);
     for (int64_t t; (t = next()) >= 0;) {
-      // causal: the costliest query tiles (they see the most keys) go first, so the
-      // tasks left at the end are short; otherwise neighbouring tasks share a kv head
-      const int64_t bh = P.causal ? t % BH : t / nmt;
-      const int64_t mt = P.causal ? nmt - 1 - t / BH : t % nmt;
+      // causal (no left bound): the costliest query tiles (they see the most keys) go first,
+      // so the tasks left at the end are short; otherwise neighbouring tasks share a kv head
+      const bool triangle = P.band.right >= 0 && P.band.left < 0;  // later rows see more keys
+      const int64_t bh = triangle ? t % BH : t / nmt;
+      const int64_t mt = triangle ? nmt - 1 - t / BH : t % nmt;
       const int64_t b = bh / H, h = bh % H, hk = h / P.G;
       const int64_t i0 = mt * BM, mb = std::min(BM, L - i0);
       // q tile [mb, D] as fp32 times the softmax scale: the score GEMM then yields scaled
@@ -326,23 +371,26 @@ void fwd_impl(const Problem& P, const Tensor& q, const Tensor& kT, const View& v
       }
       std::fill(mrow.begin(), mrow.end(), kNegInf);
       std::fill(lrow.begin(), lrow.end(), 0.f);
-      // causal: keys past the tile's last query are invisible to all of its rows
-      const int64_t s_end = P.causal ? std::min(S, i0 + mb) : S;
+      // the tile's rows see keys [lo(i0), hi(i0 + mb - 1)) at most: blocks outside are skipped
+      const int64_t s_begin = P.band.lo(i0) / BN * BN, s_end = mb > 0 ? P.band.hi(i0 + mb - 1) : 0;
       bool first = true;
-      for (int64_t j0 = 0; j0 < s_end; j0 += BN) {
+      for (int64_t j0 = s_begin; j0 < s_end; j0 += BN) {
         const int64_t nb = std::min(BN, s_end - j0);
         const float* ktb = ktp + ((b * P.Hkv + hk) * nblk + j0 / BN) * D * BN;
         float* Sb = sbuf.data();
         gemm<false>(mb, nb, D, qp, D, ktb, BN, Sb, BN);  // S = Q Kᵀ·scale: [mb, nb]
         for (int64_t r = 0; r < mb; ++r) {
           const int64_t i = i0 + r;
-          float* z = Sb + r * BN;
-          const int64_t nv = visible(P.causal, i, j0, nb);
-          if (P.mask) apply_mask(z, nv, *P.mask, b, h, i, j0);
+          const auto [a, e] = P.band.span(i, j0, nb);
+          float* z = Sb + r * BN + a;  // the visible keys [a, e) of this block
+          const int64_t nv = e - a;
+          std::fill(Sb + r * BN, z, 0.f);
+          if (P.softcap > 0.f) cap_scores(z, nullptr, nv, P.softcap);
+          if (P.mask) apply_mask(z, nv, *P.mask, b, h, i, j0 + a);
           const float bmax = nv > 0 ? vec_max(z, nv) : kNegInf;
           const float m_old = mrow[r], m_new = std::max(m_old, bmax);
           if (m_new == kNegInf) {  // nothing visible so far: p = 0, state unchanged
-            std::fill(z, z + nb, 0.f);
+            std::fill(z, Sb + r * BN + nb, 0.f);
             continue;
           }
           // p = exp(z - m_new) over the visible keys, summed (before dropout: lse is
@@ -360,13 +408,13 @@ void fwd_impl(const Problem& P, const Tensor& q, const Tensor& kT, const View& v
             e.store(z + j, nv - j);
             vs = vs + Vec::set(Vec(0.f), e, nv - j);
           }
-          std::fill(z + nv, z + nb, 0.f);
+          std::fill(z + nv, Sb + r * BN + nb, 0.f);
           const float bsum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vs);
           const float alpha = std::exp(m_old - m_new);  // 0 when m_old = -inf
           lrow[r] = lrow[r] * alpha + bsum;
           mrow[r] = m_new;
           if (P.drop.on) {
-            P.drop.factors(zdrop.data(), nv, bh, i, j0);
+            P.drop.factors(zdrop.data(), nv, bh, i, j0 + a);
             at::vec::map2([](Vec x, Vec f) { return x * f; }, z, z, zdrop.data(), nv);
           }
           if (!first && alpha != 1.f) {
@@ -388,11 +436,21 @@ void fwd_impl(const Problem& P, const Tensor& q, const Tensor& kT, const View& v
       float* lrow_out = lsep + bh * L + i0;
       for (int64_t r = 0; r < mb; ++r) {
         float* o = O + r * Dv;
-        const float l = lrow[r];
+        float l = lrow[r], m = mrow[r], keep = 1.f;
+        if (P.sinks) {
+          // the sink column joins the denominator at a common maximum (no exp overflow
+          // for a large sink); its probability is dropped, so O only rescales
+          const float sink = P.sinks[h], mf = std::max(m, sink);
+          if (mf != kNegInf) {
+            keep = l > 0.f ? std::exp(m - mf) : 0.f;
+            l = l * keep + std::exp(sink - mf);
+            m = mf;
+          }
+        }
         if (l > 0.f) {
-          const float inv = 1.f / l;
+          const float inv = keep / l;
           at::vec::map([inv](Vec x) { return x * Vec(inv); }, o, o, Dv);
-          lrow_out[r] = mrow[r] + std::log(l);
+          lrow_out[r] = m + std::log(l);
         } else {  // the row saw no key
           std::fill(o, o + Dv, 0.f);
           lrow_out[r] = kNegInf;
@@ -413,7 +471,9 @@ std::optional<MaskView> mask_view(const std::optional<Tensor>& mask, const Tenso
 
 // The checked problem of attention_fwd / attention_bwd (the mask view stays valid while `mask` lives).
 Problem check_problem(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
-                      double scale, bool is_causal, double dropout_p, int64_t seed, const char* who) {
+                      double scale, bool is_causal, double dropout_p, int64_t seed, int64_t window_left,
+                      int64_t window_right, bool bottom_right, double softcap, const std::optional<Tensor>& sinks,
+                      const char* who) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, who, ": q, k, v must be 4-D [B, H, L, D], got ", q.sizes(),
               ", ", k.sizes(), ", ", v.sizes());
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), who,
@@ -428,7 +488,14 @@ Problem check_problem(const Tensor& q, const Tensor& k, const Tensor& v, const s
               " do not match q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv]");
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, who, ": the number of query heads (", H,
               ") must be a multiple of the number of key/value heads (", Hkv, ")");
-  return {B, H, Hkv, H / Hkv, L, S, D, Dv, static_cast<float>(scale), is_causal, mask_view(mask, q, S, who),
+  check_attention_options(who, q, window_left, window_right, softcap, sinks);
+  Band band;
+  band.S = S;
+  band.off = bottom_right ? S - L : 0;
+  band.left = window_left;
+  band.right = is_causal ? 0 : window_right;  // causal: j <= i + off; a right bound >= 0 adds nothing
+  return {B, H, Hkv, H / Hkv, L, S, D, Dv, static_cast<float>(scale), is_causal, band, static_cast<float>(softcap),
+          defined(sinks) ? sinks->const_data_ptr<float>() : nullptr, mask_view(mask, q, S, who),
           make_dropout(dropout_p, seed)};
 }
 
@@ -437,9 +504,8 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
                                          double dropout_p, int64_t seed, int64_t window_left, int64_t window_right,
                                          bool bottom_right, double softcap, const std::optional<Tensor>& sinks) {
   const char* who = "llmfast::attention_fwd";
-  check_attention_options(who, q, window_left, window_right, softcap, sinks);
-  check_attention_plain(who, window_left, window_right, bottom_right, softcap, sinks);
-  const Problem P = check_problem(q, k, v, mask, scale, is_causal, dropout_p, seed, who);
+  const Problem P = check_problem(q, k, v, mask, scale, is_causal, dropout_p, seed, window_left, window_right,
+                                  bottom_right, softcap, sinks, who);
   Tensor out = at::empty({P.B, P.H, P.L, P.Dv}, q.options());
   Tensor lse = at::empty({P.B, P.H, P.L}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
@@ -458,11 +524,13 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
 // ---------------------------------------------------------------------------------
 // Backward
 
-// p[0, nv) = exp(s (+ mask) - lse) in place: the forward's probabilities from the scaled
-// scores of one backward tile row. Shared by the Δ pre-pass and the backward proper, so
-// both see bit-identical p (same GEMM calls, same tiles, same exp).
-inline void bwd_probs_row(const Problem& P, float* p, int64_t nv, float lse_i, int64_t b, int64_t h, int64_t i,
-                          int64_t j0) {
+// p[0, nv) = exp(cap(s) (+ mask) - lse) in place: the forward's probabilities from the
+// scaled scores of one backward tile row (keys j0 .. j0 + nv); g[0, nv) = 1 - tanh² with a
+// softcap (g may be null when only p is needed). Shared by the Δ pre-pass and the backward
+// proper, so both see bit-identical p (same GEMM calls, same tiles, same exp).
+inline void bwd_probs_row(const Problem& P, float* p, float* g, int64_t nv, float lse_i, int64_t b, int64_t h,
+                          int64_t i, int64_t j0) {
+  if (P.softcap > 0.f) cap_scores(p, g, nv, P.softcap);
   if (P.mask) apply_mask(p, nv, *P.mask, b, h, i, j0);
   at::vec::map([lse_i](Vec x) { return (x - Vec(lse_i)).exp_u20(); }, p, p, nv);
 }
@@ -493,8 +561,9 @@ void delta_from_probs(const Problem& P, const View& q, const View& dO, const Ten
       const int64_t i0 = mt * BM_BWD, mb = std::min(BM_BWD, L - i0);
       float* d = dlp + bh * L + i0;
       std::fill(d, d + mb, 0.f);
-      const int64_t s_end = P.causal ? std::min(S, i0 + mb) : S;
-      for (int64_t j0 = 0; j0 < s_end; j0 += BN_BWD) {
+      // kv tiles on the BN_BWD grid, as in bwd_impl, from the band of the tile's rows
+      const int64_t s_begin = P.band.lo(i0) / BN_BWD * BN_BWD, s_end = mb > 0 ? P.band.hi(i0 + mb - 1) : 0;
+      for (int64_t j0 = s_begin; j0 < s_end; j0 += BN_BWD) {
         const int64_t tile = j0 / BN_BWD, nb = std::min(BN_BWD, S - j0);
         const float* ktb = ktp + (bk * nkt + tile) * D * BN_BWD;
         const float* vtb = vtp + (bk * nkt + tile) * Dv * BN_BWD;
@@ -505,14 +574,15 @@ void delta_from_probs(const Problem& P, const View& q, const View& dO, const Ten
         for (int64_t r = 0; r < mb; ++r) {
           const int64_t i = i0 + r;
           const float lse_i = lsep[bh * L + i];
-          const int64_t nv = lse_i == kNegInf ? 0 : visible(P.causal, i, j0, nb);
+          const auto [a, e] = P.band.span(i, j0, nb);
+          const int64_t nv = lse_i == kNegInf ? 0 : e - a;
           if (nv == 0) continue;
-          float* p = Pb + r * BN_BWD;
-          float* dp = dPb + r * BN_BWD;
-          bwd_probs_row(P, p, nv, lse_i, b, h, i, j0);
+          float* p = Pb + r * BN_BWD + a;
+          float* dp = dPb + r * BN_BWD + a;
+          bwd_probs_row(P, p, nullptr, nv, lse_i, b, h, i, j0 + a);
           if (P.drop.on) {
             float* z = zdrop.data();
-            P.drop.factors(z, nv, bh, i, j0);
+            P.drop.factors(z, nv, bh, i, j0 + a);
             at::vec::map2([](Vec x, Vec f) { return x * f; }, p, p, z, nv);
           }
           d[r] += at::vec::map2_reduce_all<float>([](Vec a, Vec c) { return a * c; },
@@ -562,7 +632,7 @@ void bwd_impl(const Problem& P, const View& q, const View& k, const View& dO, co
   // summed in a fixed order afterwards, so the result does not depend on scheduling.
   parallel_tasks(B * Hkv * chunks, [&](const auto& next) {
     std::vector<float> pbuf(BM_BWD * BN_BWD), dsbuf(BM_BWD * BN_BWD), dkb(BN_BWD * D), dvb(BN_BWD * Dv),
-        zdrop(P.drop.on ? BN_BWD : 0);
+        zdrop(P.drop.on ? BN_BWD : 0), gcap(P.softcap > 0.f ? BN_BWD : 0);
     for (int64_t task; (task = next()) >= 0;) {
       const int64_t c = task % chunks, bk = task / chunks, b = bk / Hkv, hk = bk % Hkv;
       float* dqc = dq_acc + c * B * H * L * D;
@@ -579,9 +649,9 @@ void bwd_impl(const Problem& P, const View& q, const View& k, const View& dO, co
         std::fill(dvb.begin(), dvb.end(), 0.f);
         for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h) {
           const int64_t bh = b * H + h;
-          // causal: query rows before j0 see none of this tile's keys
-          const int64_t i_start = P.causal ? (j0 / BM_BWD) * BM_BWD : 0;
-          for (int64_t i0 = i_start; i0 < L; i0 += BM_BWD) {
+          // only the rows of the band that reach this tile's keys (query tiles on the BM_BWD grid)
+          const auto [i_first, i_last] = P.band.rows(j0, nb, L);
+          for (int64_t i0 = i_first / BM_BWD * BM_BWD; i0 < i_last; i0 += BM_BWD) {
             const int64_t mb = std::min(BM_BWD, L - i0);
             float* Pb = pbuf.data();
             float* dSb = dsbuf.data();
@@ -589,19 +659,23 @@ void bwd_impl(const Problem& P, const View& q, const View& k, const View& dO, co
             gemm<false>(mb, nb, Dv, dO.at(b, h, i0), dO.sn, vtb, BN_BWD, dSb, BN_BWD);  // dP = dO Vᵀ
             for (int64_t r = 0; r < mb; ++r) {
               const int64_t i = i0 + r;
-              float* p = Pb + r * BN_BWD;
-              float* ds = dSb + r * BN_BWD;
               const float lse_i = lsep[bh * L + i];
-              const int64_t nv = lse_i == kNegInf ? 0 : visible(P.causal, i, j0, nb);
+              const auto [a, e] = P.band.span(i, j0, nb);
+              const int64_t nv = lse_i == kNegInf ? 0 : e - a;
+              float* p = Pb + r * BN_BWD + a;  // the visible keys [a, a + nv) of this tile
+              float* ds = dSb + r * BN_BWD + a;
+              std::fill(Pb + r * BN_BWD, p, 0.f);
+              std::fill(dSb + r * BN_BWD, ds, 0.f);
               if (nv > 0) {
-                // p = exp(s (+ mask) - lse), s already scaled: the forward's probabilities
-                bwd_probs_row(P, p, nv, lse_i, b, h, i, j0);
+                // p = exp(cap(s) (+ mask) - lse), s already scaled: the forward's probabilities
+                float* g = P.softcap > 0.f ? gcap.data() : nullptr;
+                bwd_probs_row(P, p, g, nv, lse_i, b, h, i, j0 + a);
                 const float d_i = dlp[bh * L + i];
                 if (P.drop.on) {
                   // dS = p∘(z∘dP − Δ) and dV takes p∘z, z = keep/(1 − p_drop); the
                   // softmax scale is in q·scale (dK) and applied to dQ at the end
                   float* z = zdrop.data();
-                  P.drop.factors(z, nv, bh, i, j0);
+                  P.drop.factors(z, nv, bh, i, j0 + a);
                   for (int64_t j = 0; j < nv; ++j) {
                     ds[j] = p[j] * (z[j] * ds[j] - d_i);
                     p[j] *= z[j];
@@ -609,9 +683,11 @@ void bwd_impl(const Problem& P, const View& q, const View& k, const View& dO, co
                 } else {
                   at::vec::map2([d_i](Vec pp, Vec dp) { return pp * (dp - Vec(d_i)); }, ds, p, ds, nv);
                 }
+                // softcap: d(c·tanh(s/c))/ds = 1 - tanh²
+                if (g) at::vec::map2([](Vec x, Vec f) { return x * f; }, ds, ds, g, nv);
               }
-              std::fill(p + nv, p + nb, 0.f);
-              std::fill(ds + nv, ds + nb, 0.f);
+              std::fill(p + nv, Pb + r * BN_BWD + nb, 0.f);
+              std::fill(ds + nv, dSb + r * BN_BWD + nb, 0.f);
             }
             gemm<true, true>(nb, Dv, mb, Pb, BN_BWD, dO.at(b, h, i0), dO.sn, dvb.data(), Dv);  // dV += Pᵀ dO
             gemm<true, true>(nb, D, mb, dSb, BN_BWD, q.at(b, h, i0), q.sn, dkb.data(), D);      // dK += dSᵀ Q·scale
@@ -640,10 +716,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out,
                                                          int64_t window_left, int64_t window_right, bool bottom_right,
                                                          double softcap, const std::optional<Tensor>& sinks) {
   const char* who = "llmfast::attention_bwd";
-  check_attention_options(who, q, window_left, window_right, softcap, sinks);
-  check_attention_plain(who, window_left, window_right, bottom_right, softcap, sinks);
-  Tensor dsinks = at::empty({0}, q.options().dtype(at::kFloat));
-  const Problem P = check_problem(q, k, v, mask, scale, is_causal, dropout_p, seed, who);
+  const Problem P = check_problem(q, k, v, mask, scale, is_causal, dropout_p, seed, window_left, window_right,
+                                  bottom_right, softcap, sinks, who);
+  // dsinks [H] fp32 with sinks (zeros where nothing flows back), else an empty [0]
+  Tensor dsinks = defined(sinks) ? at::zeros({P.H}, q.options().dtype(at::kFloat))
+                                 : at::empty({0}, q.options().dtype(at::kFloat));
   TORCH_CHECK(out.sizes() == at::IntArrayRef({P.B, P.H, P.L, P.Dv}) && grad_out.sizes() == out.sizes(), who,
               ": out and grad_out must be [B, H, L, Dv] = [", P.B, ", ", P.H, ", ", P.L, ", ", P.Dv, "], got ",
               out.sizes(), " and ", grad_out.sizes());
@@ -687,6 +764,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out,
       acc.zero_();
       bwd_impl<scalar_t>(P, view_of(qs), view_of(k32), view_of(go32), kT, vT, lse_c, delta,
                          acc.mutable_data_ptr<float>(), chunks, dk, dv);
+      if (defined(sinks)) {
+        // dsink_h = -Σ_{b,i} p_sink·Δ with p_sink = exp(sink_h - lse): O(B·H·L), deterministic ATen sums
+        const Tensor psink = (sinks->view({1, P.H, 1}) - lse_c).exp();
+        dsinks.copy_((psink * delta).sum(at::IntArrayRef{0, 2}).neg_());
+      }
       // dQ = scale·Σ_j dS K: the scale is applied once here
       if (direct) {
         dq.mul_(scale);

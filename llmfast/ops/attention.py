@@ -111,10 +111,11 @@ _REF_NOTE = "window, bottom_right causal, softcap and sinks run on torch"
 
 backends.register_op(OpSpec(
     "attention", kernel=attention_fwd, cpu_dtypes=None,
-    features={"triton": frozenset(), "cuda": frozenset(), "cpu": frozenset()},
+    features={"triton": frozenset(), "cuda": frozenset(), "cpu": FEATURES},
     notes={
-        "cpu": "fp16/bf16 computed in fp32; dropout fused (Philox, same mask as triton); "
-               f"float64 and masks that need a gradient run on torch; {_REF_NOTE}",
+        "cpu": "fp16/bf16 computed in fp32; dropout fused (Philox, same mask as triton); sliding window and "
+               "bottom-right causal (blocks outside the band skipped), softcap and sinks fused; "
+               "float64 and masks that need a gradient run on torch",
         "triton": f"dropout fused (Philox); bf16 dots upcast to fp32 under TRITON_INTERPRET; {_REF_NOTE}",
         "cuda": _REF_NOTE,
         "torch": "reference: materialises the L x S scores",
