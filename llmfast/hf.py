@@ -27,7 +27,8 @@ ATTN_IMPLEMENTATION = "llmfast"
 def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Optional[Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                       is_causal: Optional[bool] = None, **kwargs) -> tuple[Tensor, None]:
-    """transformers' attention calling convention, run by ``llmfast.nn.functional.scaled_dot_product_attention``.
+    """transformers' attention calling convention, run by ``llmfast.nn.functional.scaled_dot_product_attention``
+    (with ``sliding_window``, ``softcap`` or ``s_aux`` sinks: by the fused op directly).
 
     query: [B, H, Lq, D]; key/value: [B, Hkv, Lk, D]; attention_mask: None, or a bool
     (True = attend) / additive float mask broadcastable to [B, H, Lq, Lk], as transformers'
@@ -35,13 +36,15 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     models reshape into their output projection.
     """
     from llmfast.nn import functional as F
+    from llmfast.ops import attention as attention_op
 
-    for unsupported in ("softcap", "s_aux", "sinks"):
-        if kwargs.get(unsupported) is not None:
-            raise ValueError(f"llmfast attention does not support `{unsupported}`; "
-                             f"use attn_implementation='eager' for this model")
     if kwargs.get("position_bias") is not None:
         raise ValueError("llmfast attention does not support `position_bias`; use attn_implementation='eager'")
+    # Mistral/Gemma 2/3/gpt-oss: sliding_window W (key j visible iff i - W < j <= i), softcap
+    # (Gemma 2's attn_logit_softcapping), s_aux (gpt-oss's per-head sinks, [H])
+    sliding_window = kwargs.get("sliding_window")
+    softcap = kwargs.get("softcap")
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     q_len, kv_len = query.shape[2], key.shape[2]
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
@@ -53,6 +56,15 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         # keys past the last query would be visible to nobody: they are padding of an empty
         # static cache during prefill.
         key, value = key[:, :, :q_len], value[:, :, :q_len]
+    if sliding_window is not None or softcap is not None or sinks is not None:
+        # A given mask already holds the window (and the cache positions); without one the
+        # window is passed as (W - 1, 0) on the causal rows so the kernel skips the blocks
+        # outside it. q [B, H, L, D] and k/v [B, Hkv, S, D] are already the op's canonical form.
+        window = (int(sliding_window) - 1, -1) if (sliding_window is not None and is_causal) else (-1, -1)
+        out, _ = attention_op.attention(query, key, value, attention_mask, scale=scaling, is_causal=is_causal,
+                                        dropout_p=float(dropout), window=window, softcap=float(softcap or 0.0),
+                                        sinks=sinks)
+        return out.transpose(1, 2).contiguous(), None
     # GQA: llmfast's kernels read the shared key/value heads in place instead of repeat_kv copies.
     enable_gqa = query.shape[1] != key.shape[1]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,

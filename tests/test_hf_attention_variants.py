@@ -1,0 +1,69 @@
+"""transformers' attention options through ``attn_implementation="llmfast"`` (issue 12):
+Mistral's ``sliding_window``, Gemma 2's ``softcap`` (attn_logit_softcapping) with local
+layers, gpt-oss's ``s_aux`` sinks. Tiny random configs: logits and every parameter
+gradient match the eager implementation."""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from llmfast import hf  # noqa: E402
+
+_COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.0)
+CONFIGS = {
+    # windows of 4 and 5 on 12 tokens: the window is in reach on every layer
+    "mistral": lambda T: T.MistralConfig(**_COMMON, sliding_window=4),
+    # a soft-cap of 1.5 on attention scores of size ~1: far from linear
+    "gemma2": lambda T: T.Gemma2Config(**_COMMON, head_dim=8, attn_logit_softcapping=1.5, sliding_window=5,
+                                       final_logit_softcapping=None, query_pre_attn_scalar=8),
+    "gpt_oss": lambda T: getattr(T, "GptOssConfig")(**_COMMON, head_dim=8, num_local_experts=4,
+                                                    num_experts_per_tok=2, sliding_window=4,
+                                                    layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+def _model(family):
+    if family == "gpt_oss" and not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("this transformers has no gpt-oss")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[family](transformers),
+                                                          attn_implementation="eager").train()
+    with torch.no_grad():  # sinks start at zero: random ones make them matter
+        for n, p in model.named_parameters():
+            if n.endswith("sinks"):
+                p.normal_(0.0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no_padding", "left_padding"])
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_hf_attention_options_match_eager(family, padded, monkeypatch):
+    calls = []
+    real = hf.attention_forward
+    monkeypatch.setattr(hf, "attention_forward", lambda *a, **k: calls.append(sorted(k)) or real(*a, **k))
+    hf.register()
+    ref = _model(family)
+    model = copy.deepcopy(ref)
+    model.config._attn_implementation = "llmfast"
+    ids = torch.randint(0, 64, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    if padded:
+        mask[1, :3] = 0
+    keep = mask.bool()
+    out = model(input_ids=ids, attention_mask=mask)
+    want = ref(input_ids=ids, attention_mask=mask)
+    assert calls, "the llmfast attention function was never called"
+    torch.testing.assert_close(out.logits[keep], want.logits[keep], atol=2e-5, rtol=1e-4)
+    cot = torch.randn_like(want.logits) * keep.unsqueeze(-1)
+    (out.logits * cot).sum().backward()
+    (want.logits * cot).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys()
+    if family == "gpt_oss":
+        assert any(n.endswith("sinks") for n in grads)  # the sinks are trained through the kernel
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=5e-5, rtol=1e-3, msg=n)
