@@ -211,4 +211,57 @@ inline int64_t check_glu(const char* op, const Tensor& gate, const std::optional
   return N;
 }
 
+// kvcache_fwd's canonical problem (llmfast/ops/kvcache.py): q [B, Sq, Hq, D]; k_pages, v_pages
+// [NB, P, Hkv, D] in q's dtype; all three with a contiguous last dim (other strides free);
+// block_table [B, MP] int32 contiguous; seqlens [B] int32; kv_start None or [B] int32; alibi None
+// or [B, Hq] float32 contiguous; Hq % Hkv == 0. The values of block_table and seqlens are the
+// caller's (checked by llmfast.flash_attn before anything is written).
+struct KVCacheDims {
+  int64_t B, Sq, Hq, D, NB, P, Hkv, MP;
+};
+
+inline KVCacheDims check_kvcache(const char* op, const Tensor& q, const Tensor& k_pages, const Tensor& v_pages,
+                                 const Tensor& block_table, const Tensor& seqlens,
+                                 const std::optional<Tensor>& kv_start, const std::optional<Tensor>& alibi,
+                                 int64_t num_splits) {
+  TORCH_CHECK(q.dim() == 4, op, ": q must be [B, Sq, Hq, D], got ", q.sizes());
+  TORCH_CHECK(k_pages.dim() == 4, op, ": k_pages must be [num_pages, page_size, Hkv, D], got ", k_pages.sizes());
+  check_float(op, "q", q);
+  TORCH_CHECK(q.scalar_type() != at::kDouble, op, ": q has unsupported dtype ", q.scalar_type());
+  check_like(op, "v_pages", v_pages, k_pages);
+  TORCH_CHECK(k_pages.scalar_type() == q.scalar_type(), op, ": k_pages has dtype ", k_pages.scalar_type(),
+              ", expected q's ", q.scalar_type());
+  check_device(op, "k_pages", k_pages, q);
+  const KVCacheDims d{q.size(0), q.size(1), q.size(2), q.size(3), k_pages.size(0), k_pages.size(1), k_pages.size(2),
+                      block_table.dim() == 2 ? block_table.size(1) : 0};
+  TORCH_CHECK(k_pages.size(3) == d.D, op, ": k_pages has head dim ", k_pages.size(3), ", expected q's ", d.D);
+  TORCH_CHECK(d.Hkv > 0 && d.Hq % d.Hkv == 0, op, ": q's ", d.Hq, " heads must be a multiple of the ", d.Hkv,
+              " kv heads");
+  TORCH_CHECK(d.P > 0, op, ": page_size must be >= 1");
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"q", &q}, {"k_pages", &k_pages},
+                                {"v_pages", &v_pages}})
+    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, op, ": ", name, " must have a contiguous last dim, got strides ",
+                t->strides());
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == d.B && block_table.scalar_type() == at::kInt &&
+                  block_table.is_contiguous(),
+              op, ": block_table must be a contiguous [", d.B, ", max_pages] int32 tensor, got ",
+              block_table.scalar_type(), " ", block_table.sizes());
+  check_device(op, "block_table", block_table, q);
+  check_vector(op, "seqlens", seqlens, d.B, at::kInt, q);
+  TORCH_CHECK(seqlens.is_contiguous(), op, ": seqlens must be contiguous");
+  if (defined(kv_start)) {
+    check_vector(op, "kv_start", *kv_start, d.B, at::kInt, q);
+    TORCH_CHECK(kv_start->is_contiguous(), op, ": kv_start must be contiguous");
+  }
+  if (defined(alibi)) {
+    TORCH_CHECK(alibi->dim() == 2 && alibi->size(0) == d.B && alibi->size(1) == d.Hq &&
+                    alibi->scalar_type() == at::kFloat && alibi->is_contiguous(),
+                op, ": alibi must be a contiguous [", d.B, ", ", d.Hq, "] float32 tensor, got ", alibi->scalar_type(),
+                " ", alibi->sizes());
+    check_device(op, "alibi", *alibi, q);
+  }
+  TORCH_CHECK(num_splits >= 0, op, ": num_splits must be >= 0, got ", num_splits);
+  return d;
+}
+
 }  // namespace llmfast

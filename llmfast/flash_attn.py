@@ -35,18 +35,23 @@ CPU kernels are deterministic). With ``return_attn_probs=True`` the result is
 ``[B, H, Sq]`` (varlen: ``[H, total_q]``), natural log, including the sink when given,
 ``-inf`` for a row that sees no key; ``S_dmask`` is an empty tensor (FlashAttention fills
 it only for dropout tests; llmfast does not materialise the probabilities).
+
+``flash_attn_with_kvcache`` (decoding over a contiguous or paged KV cache, appending new
+keys in place) runs :func:`llmfast.ops.kvcache.kvcache_attention`, the split-KV decode
+kernels of every backend, with the same semantics.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from llmfast.nn.functional import _check_attention_inputs
 from llmfast.ops import attention as attention_op
+from llmfast.ops.kvcache import kvcache_attention
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
 
 
 def _check_options(name: str, window_size, softcap, alibi_slopes, sinks, q: Tensor, batch: int) -> tuple:
@@ -227,3 +232,249 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     if return_attn_probs:
         return out, (torch.cat(lses, 1) if len(lses) > 1 else lses[0]), q.new_empty((0,))
     return out
+
+
+# ----------------------------------------------------------------------------------
+# KV-cache decoding
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _index(name: str, t, B: int, device) -> Optional[Tensor]:
+    """A [B] int32 index tensor argument (None passes through)."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"flash_attn_with_kvcache: {name} must be a torch.int32 tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"flash_attn_with_kvcache: {name} must have dtype torch.int32, got {t.dtype}")
+    if t.shape != (B,):
+        raise ValueError(f"flash_attn_with_kvcache: {name} must have shape [batch_size={B}], got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"flash_attn_with_kvcache: {name} is on {t.device}, expected {device} (q's device)")
+    return t
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, interleaved: bool) -> Tensor:
+    """x [B, L, H, D] with its first R = 2 * cos.shape[1] dims rotated by the angles at pos [B, L].
+
+    FlashAttention's convention: interleaved pairs (x[2i], x[2i+1]) (GPT-J) or halves
+    (x[i], x[i + R/2]) (GPT-NeoX). Math in fp32, result in x's dtype.
+    """
+    R = 2 * cos.shape[1]
+    c = cos[pos][:, :, None, :].float()   # [B, L, 1, R/2]
+    s = sin[pos][:, :, None, :].float()
+    xr = x[..., :R].float()
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., :R // 2], xr[..., R // 2:]
+        rot = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((rot.to(x.dtype), x[..., R:]), dim=-1)
+
+
+def flash_attn_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    rotary_cos: Optional[Tensor] = None,
+    rotary_sin: Optional[Tensor] = None,
+    cache_seqlens: Optional[Union[int, Tensor]] = None,
+    cache_batch_idx: Optional[Tensor] = None,
+    cache_leftpad: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: tuple = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: Optional[Tensor] = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+):
+    """Attention of q over a KV cache, appending new keys/values in place (FlashAttention 2 semantics).
+
+    q: [B, Sq, Hq, D]. k_cache, v_cache: [B_cache, S_cache, Hkv, D], or paged
+    [num_blocks, page_size, Hkv, D] with ``block_table`` [B, max_pages] int32 (any
+    page_size >= 1); last dim contiguous. Hq % Hkv == 0 (GQA/MQA: query head h reads kv
+    head h // (Hq // Hkv)).
+
+    ``cache_seqlens`` (int, or [B] int32; None: the whole cache) keys are already in the
+    cache. ``k``, ``v`` [B, Sk_new, Hkv, D] are written *in place* at positions
+    cache_seqlens .. cache_seqlens + Sk_new - 1 (rotated first when ``rotary_cos`` /
+    ``rotary_sin`` [S_rot, R/2] are given; q is rotated too, at positions
+    cache_seqlens + i when causal or local, else at cache_seqlens; ``rotary_interleaved``
+    pairs dims (0, 1), (2, 3), ... vs (0, R/2), ...). Attention then sees keys
+    0 .. cache_seqlens + Sk_new - 1 of cache row ``cache_batch_idx[b]`` (default b),
+    minus those before ``cache_leftpad[b]``.
+
+    ``causal``: aligned to the bottom-right corner: query i sees keys up to
+    cache_seqlens + Sk_new - Sq + i. ``window_size=(left, right)``: query i at position
+    p sees keys in [p - left, p + right] (-1: unbounded). ``softcap`` > 0:
+    scores = softcap * tanh(scores / softcap). ``alibi_slopes`` [Hq] or [B, Hq]: adds
+    -slope * |p - j| to the score of key j. ``num_splits``: key-range splits (0: auto).
+    A query with no visible key gives zeros (lse = -inf).
+
+    Returns out [B, Sq, Hq, D], and lse [B, Hq, Sq] (fp32) when ``return_softmax_lse``.
+    Forward only: raises RuntimeError when an input requires grad under grad mode.
+    """
+    fn = "flash_attn_with_kvcache"
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D, got shape {list(t.shape)}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{fn}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{fn}: {name} has dtype {t.dtype}, expected q's dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{fn}: {name} is on {t.device}, expected {q.device} (q's device)")
+    B, Sq, Hq, D = q.shape
+    NB, P, Hkv, Dk = k_cache.shape
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{fn}: v_cache has shape {list(v_cache.shape)}, expected k_cache's {list(k_cache.shape)}")
+    if Dk != D:
+        raise ValueError(f"{fn}: k_cache has head dim {Dk}, expected q's {D}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"{fn}: q's {Hq} heads must be a multiple of the cache's {Hkv} kv heads")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1 and D > 1:
+            raise ValueError(f"{fn}: {name} must have a contiguous last dimension (it is updated in place)")
+    if any(t.requires_grad for t in (q, k_cache, v_cache, k, v) if t is not None) and torch.is_grad_enabled():
+        raise RuntimeError(f"{fn} has no backward (as in FlashAttention); call it under torch.no_grad() "
+                           "or pass tensors that do not require grad")
+    paged = block_table is not None
+    if paged:
+        if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32:
+            raise TypeError(f"{fn}: block_table must be a torch.int32 tensor, got "
+                            f"{getattr(block_table, 'dtype', type(block_table).__name__)}")
+        if block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"{fn}: block_table must have shape [batch_size={B}, max_pages], got "
+                             f"{list(block_table.shape)}")
+        if block_table.device != q.device:
+            raise ValueError(f"{fn}: block_table is on {block_table.device}, expected {q.device}")
+        if cache_batch_idx is not None:
+            raise ValueError(f"{fn}: cache_batch_idx and block_table cannot be used together (as in FlashAttention)")
+        capacity = block_table.shape[1] * P
+    else:
+        capacity = P
+    cache_batch_idx = _index("cache_batch_idx", cache_batch_idx, B, q.device)
+    cache_leftpad = _index("cache_leftpad", cache_leftpad, B, q.device)
+    if not paged and cache_batch_idx is None and NB != B:
+        raise ValueError(f"{fn}: k_cache has batch size {NB}, expected q's {B} (or pass cache_batch_idx)")
+
+    if (k is None) != (v is None):
+        raise ValueError(f"{fn}: pass both k and v, or neither")
+    Sk = 0
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
+            if t.shape != (B, t.shape[1] if t.dim() == 4 else -1, Hkv, D):
+                raise ValueError(f"{fn}: {name} must have shape [batch_size={B}, seqlen_new, {Hkv}, {D}], got "
+                                 f"{list(t.shape)}")
+            if t.dtype != k_cache.dtype:
+                raise TypeError(f"{fn}: {name} has dtype {t.dtype}, expected the cache's {k_cache.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{fn}: {name} is on {t.device}, expected {q.device}")
+        if v.shape != k.shape:
+            raise ValueError(f"{fn}: v has shape {list(v.shape)}, expected k's {list(k.shape)}")
+        Sk = k.shape[1]
+
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError(f"{fn}: appending k/v needs cache_seqlens (where the new keys go)")
+        seqlens = torch.full((B,), capacity, dtype=torch.int32, device=q.device)
+    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    else:
+        seqlens = _index("cache_seqlens", cache_seqlens, B, q.device)
+
+    rotary = rotary_cos is not None or rotary_sin is not None
+    if rotary:
+        if rotary_cos is None or rotary_sin is None:
+            raise ValueError(f"{fn}: pass both rotary_cos and rotary_sin, or neither")
+        if k is None:
+            raise ValueError(f"{fn}: rotary_cos/rotary_sin apply only when new k and v are passed")
+        if rotary_cos.dim() != 2 or rotary_sin.shape != rotary_cos.shape:
+            raise ValueError(f"{fn}: rotary_cos and rotary_sin must both be [seqlen_ro, rotary_dim / 2], got "
+                             f"{list(rotary_cos.shape)} and {list(rotary_sin.shape)}")
+        if 2 * rotary_cos.shape[1] > D:
+            raise ValueError(f"{fn}: rotary_dim {2 * rotary_cos.shape[1]} exceeds the head dim {D}")
+    local = window_size[0] >= 0 or window_size[1] >= 0
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, Tensor) or not alibi_slopes.is_floating_point():
+            raise TypeError(f"{fn}: alibi_slopes must be a float32 tensor")
+        if alibi_slopes.shape not in ((Hq,), (B, Hq)):
+            raise ValueError(f"{fn}: alibi_slopes must have shape [{Hq}] or [{B}, {Hq}], got "
+                             f"{list(alibi_slopes.shape)}")
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"{fn}: num_splits must be an int >= 0, got {num_splits!r}")
+
+    # Everything that would index out of bounds, checked before anything is written (one
+    # device-to-host sync for all of it).
+    total = seqlens.long() + Sk
+    bad = [(seqlens < 0).any(), (total > capacity).any()]
+    if cache_batch_idx is not None:
+        bad.append(((cache_batch_idx < 0) | (cache_batch_idx >= NB)).any())
+    if paged:
+        need = (total + P - 1) // P                                          # pages each row uses
+        used = torch.arange(block_table.shape[1], device=q.device)[None, :] < need[:, None]
+        bad.append((used & ((block_table < 0) | (block_table >= NB))).any())
+    if rotary:
+        bad.append((total > rotary_cos.shape[0]).any())
+    if cache_leftpad is not None:
+        bad.append((cache_leftpad < 0).any())
+    flags = torch.stack(bad).tolist()
+    if flags[0]:
+        raise ValueError(f"{fn}: cache_seqlens must be >= 0")
+    if flags[1]:
+        where = f"block_table's {block_table.shape[1]} pages of {P}" if paged else f"the cache's {P} slots"
+        raise ValueError(f"{fn}: cache_seqlens + {Sk} new keys exceeds {where} (max {int(total.max())})")
+    i = 2
+    if cache_batch_idx is not None:
+        if flags[i]:
+            raise ValueError(f"{fn}: cache_batch_idx must be in [0, {NB})")
+        i += 1
+    if paged:
+        if flags[i]:
+            raise ValueError(f"{fn}: block_table holds page ids outside [0, {NB}) among the pages in use")
+        i += 1
+    if rotary:
+        if flags[i]:
+            raise ValueError(f"{fn}: positions up to {int(total.max()) - 1} need more than rotary_cos's "
+                             f"{rotary_cos.shape[0]} rows")
+        i += 1
+    if cache_leftpad is not None and flags[i]:
+        raise ValueError(f"{fn}: cache_leftpad must be >= 0")
+
+    if k is not None:
+        pos = seqlens.long()[:, None] + torch.arange(Sk, device=q.device)    # [B, Sk]
+        if rotary:
+            k = _rotate(k, rotary_cos, rotary_sin, pos, rotary_interleaved)
+            qpos = (seqlens.long()[:, None] + torch.arange(Sq, device=q.device) if causal or local
+                    else seqlens.long()[:, None].expand(B, Sq))
+            q = _rotate(q, rotary_cos, rotary_sin, qpos, rotary_interleaved)
+        if paged:
+            rows, slots = block_table.long().gather(1, pos // P), pos % P
+        else:
+            rows = (torch.arange(B, device=q.device) if cache_batch_idx is None else cache_batch_idx.long())
+            rows, slots = rows[:, None].expand(B, Sk), pos
+        k_cache[rows, slots] = k
+        v_cache[rows, slots] = v
+
+    if paged:
+        table = block_table
+    else:
+        # A contiguous cache is a paged one with one page of S_cache slots per row: no copy.
+        table = (torch.arange(B, dtype=torch.int32, device=q.device) if cache_batch_idx is None
+                 else cache_batch_idx)[:, None]
+    scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
+    out, lse = kvcache_attention(q, k_cache, v_cache, table, total.to(torch.int32), cache_leftpad, alibi_slopes,
+                                 scale=scale, causal=causal, window=window_size, softcap=softcap,
+                                 num_splits=num_splits)
+    return (out, lse) if return_softmax_lse else out

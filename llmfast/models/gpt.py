@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 import llmfast.nn as lnn
+from llmfast.flash_attn import flash_attn_with_kvcache
 from llmfast.nn import functional as F
 
 __all__ = ["GPTConfig", "GPT"]
@@ -78,6 +79,24 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+class KVCache:
+    """One layer's keys and values for ``GPT.generate``: k, v [B, block_size, H, D], allocated
+    on first use in the dtype attention produces them in (the autocast dtype under autocast)."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.k: Optional[Tensor] = None
+        self.v: Optional[Tensor] = None
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
+        """Append k, v [B, L, H, D] at position ``start`` and attend q over the cache (causal)."""
+        if self.k is None:
+            B, _, H, D = k.shape
+            self.k = k.new_zeros(B, self.block_size, H, D)
+            self.v = v.new_zeros(B, self.block_size, H, D)
+        return flash_attn_with_kvcache(q, self.k, self.v, k, v, cache_seqlens=start, causal=True)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -87,13 +106,19 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_dropout = config.dropout
 
-    def forward(self, x: Tensor, rope: Optional[tuple] = None) -> Tensor:
+    def forward(self, x: Tensor, rope: Optional[tuple] = None, cache: Optional[KVCache] = None,
+                start: int = 0) -> Tensor:
+        """x [B, L, C]; with ``cache``, x holds positions start .. start + L - 1 and attends to the
+        cached earlier positions too (decoding)."""
         B, L, C = x.shape
         # [B, L, 3C] -> q, k, v: [B, L, H, D] strided views, the layout flash_attention reads.
         q, k, v = self.c_attn(x).view(B, L, 3, self.n_head, C // self.n_head).unbind(2)
         if rope is not None:
             q, k = _rope(q, *rope), _rope(k, *rope)
-        y = F.flash_attention(q, k, v, causal=True, dropout_p=self.attn_dropout if self.training else 0.0)
+        if cache is not None:
+            y = cache.attend(q, k, v, start)
+        else:
+            y = F.flash_attention(q, k, v, causal=True, dropout_p=self.attn_dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.reshape(B, L, C)))
 
 
@@ -120,14 +145,15 @@ class Block(nn.Module):
         self.ln_2 = _norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, delta: Tensor, residual: Optional[Tensor], rope=None) -> tuple[Tensor, Tensor]:
+    def forward(self, delta: Tensor, residual: Optional[Tensor], rope=None, cache: Optional[KVCache] = None,
+                start: int = 0) -> tuple[Tensor, Tensor]:
         if residual is None:  # first block: the embeddings are the residual stream
             residual, h = delta, self.ln_1(delta)
         else:
             # Keep the residual stream in its own dtype (fp32 under autocast): branch outputs
             # come back in the autocast dtype.
             h, residual = self.ln_1(delta.to(residual.dtype), residual)
-        h, residual = self.ln_2(self.attn(h, rope).to(residual.dtype), residual)
+        h, residual = self.ln_2(self.attn(h, rope, cache, start).to(residual.dtype), residual)
         return self.mlp(h), residual
 
 
@@ -170,20 +196,21 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def hidden(self, idx: Tensor) -> Tensor:
-        """Final normed hidden states [B, L, C] of tokens idx [B, L]."""
+    def hidden(self, idx: Tensor, caches: Optional[list] = None, start: int = 0) -> Tensor:
+        """Final normed hidden states [B, L, C] of tokens idx [B, L] at positions start .. start + L - 1
+        (``caches``: one KVCache per block holding positions 0 .. start - 1; decoding)."""
         B, L = idx.shape
-        if L > self.config.block_size:
-            raise ValueError(f"sequence of length {L} is longer than block_size {self.config.block_size}")
+        if start + L > self.config.block_size:
+            raise ValueError(f"sequence of length {start + L} is longer than block_size {self.config.block_size}")
         x = self.wte(idx)
         rope = None
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(L, device=idx.device))
+            x = x + self.wpe(torch.arange(start, start + L, device=idx.device))
         else:
-            rope = (self.rope_cos[:L], self.rope_sin[:L])
+            rope = (self.rope_cos[start:start + L], self.rope_sin[start:start + L])
         delta, residual = self.drop(x), None
-        for block in self.blocks:
-            delta, residual = block(delta, residual, rope)
+        for i, block in enumerate(self.blocks):
+            delta, residual = block(delta, residual, rope, None if caches is None else caches[i], start)
         h, _ = self.ln_f(delta.to(residual.dtype), residual)
         return h
 
@@ -209,20 +236,34 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
+                 generator: Optional[torch.Generator] = None, use_cache: bool = True) -> Tensor:
         """Append ``max_new_tokens`` sampled tokens to idx [B, L]; returns [B, L + max_new_tokens].
 
         ``temperature`` 0 takes the most likely token; ``top_k`` samples among the k most likely.
         The context is cropped to the last ``block_size`` tokens.
+
+        ``use_cache`` (default): the prompt runs once (prefill) into per-layer KV caches and
+        each new token then costs one position (``llmfast.flash_attn.flash_attn_with_kvcache``)
+        instead of the whole context. Once the context fills block_size, every step
+        re-runs the cropped context, as without the cache (positions shift). ``use_cache=False``
+        recomputes the context at every step.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         was_training = self.training
         self.eval()
         try:
+            caches, pos = None, 0
             for _ in range(max_new_tokens):
-                ctx = idx[:, -self.config.block_size:]
-                logits = self.lm_head(self.hidden(ctx)[:, -1]).float()   # [B, V]
+                if not use_cache:
+                    h = self.hidden(idx[:, -self.config.block_size:])
+                elif caches is None or pos >= self.config.block_size:   # prefill (again, once cropped)
+                    ctx = idx[:, -self.config.block_size:]
+                    caches = [KVCache(self.config.block_size) for _ in self.blocks]
+                    h, pos = self.hidden(ctx, caches, 0), ctx.shape[1]
+                else:
+                    h, pos = self.hidden(idx[:, -1:], caches, pos), pos + 1
+                logits = self.lm_head(h[:, -1]).float()   # [B, V]
                 if temperature == 0:
                     nxt = logits.argmax(dim=-1, keepdim=True)
                 else:

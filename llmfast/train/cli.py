@@ -9,6 +9,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -208,9 +209,17 @@ def cmd_generate(args) -> int:
     idx = torch.tensor([list(prompt)], dtype=torch.long, device=device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     with llmfast.backend(args.backend):
-        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=g)
+        t0 = time.perf_counter()
+        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=g,
+                             use_cache=not args.no_cache)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
     text = bytes(out[0].tolist()).decode("utf-8", errors="replace")
     sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
+    # the speed goes to stderr: stdout stays the generated text
+    sys.stderr.write(f"{args.max_new_tokens} tokens in {dt:.3f} s: {args.max_new_tokens / max(dt, 1e-9):.1f} tokens/s "
+                     f"(KV cache {'off' if args.no_cache else 'on'})\n")
     return 0
 
 
@@ -272,6 +281,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=40, help="sample among the k most likely bytes")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole context for every token (no KV cache; for comparison)")
     add_backend_argument(g)
     add_device_argument(g)
 
