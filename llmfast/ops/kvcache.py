@@ -54,7 +54,7 @@ def _fwd_fake(q, k_pages, v_pages, block_table, seqlens, kv_start, alibi, scale,
 kvcache_fwd = kernel(
     "kvcache_fwd", "(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, Tensor seqlens, Tensor? kv_start, "
     "Tensor? alibi, float scale, bool causal, int window_left, int window_right, float softcap, int num_splits) "
-    "-> (Tensor, Tensor)", _fwd_fake)
+    "-> (Tensor, Tensor)", _fwd_fake, triton="kvcache:kvcache_fwd")
 
 backends.register_op(OpSpec(
     "kvcache", kernel=kvcache_fwd, cpu_dtypes=None,
