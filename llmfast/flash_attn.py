@@ -385,11 +385,14 @@ def flash_attn_with_kvcache(
             raise ValueError(f"{fn}: v has shape {list(v.shape)}, expected k's {list(k.shape)}")
         Sk = k.shape[1]
 
+    uniform = None   # the one length of every row, when it is known on the host
     if cache_seqlens is None:
         if k is not None:
             raise ValueError(f"{fn}: appending k/v needs cache_seqlens (where the new keys go)")
+        uniform = capacity
         seqlens = torch.full((B,), capacity, dtype=torch.int32, device=q.device)
     elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        uniform = cache_seqlens
         seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
     else:
         seqlens = _index("cache_seqlens", cache_seqlens, B, q.device)
@@ -415,42 +418,41 @@ def flash_attn_with_kvcache(
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"{fn}: num_splits must be an int >= 0, got {num_splits!r}")
 
-    # Everything that would index out of bounds, checked before anything is written (one
-    # device-to-host sync for all of it).
+    # Everything that would index out of bounds, checked before anything is written: on the
+    # host when every row has the same length (an int cache_seqlens: decode loops such as
+    # GPT.generate pay no device round trip), else with one device-to-host sync for all of it.
     total = seqlens.long() + Sk
-    bad = [(seqlens < 0).any(), (total > capacity).any()]
+    where = f"block_table's {block_table.shape[1]} pages of {P}" if paged else f"the cache's {P} slots"
+    checks = []   # (bool tensor, message)
+    if uniform is not None:
+        if uniform < 0:
+            raise ValueError(f"{fn}: cache_seqlens must be >= 0")
+        if uniform + Sk > capacity:
+            raise ValueError(f"{fn}: cache_seqlens + {Sk} new keys exceeds {where} (max {uniform + Sk})")
+        if rotary and uniform + Sk > rotary_cos.shape[0]:
+            raise ValueError(f"{fn}: positions up to {uniform + Sk - 1} need more than rotary_cos's "
+                             f"{rotary_cos.shape[0]} rows")
+    else:
+        checks += [((seqlens < 0).any(), "cache_seqlens must be >= 0"),
+                   ((total > capacity).any(), f"cache_seqlens + {Sk} new keys exceeds {where}")]
+        if rotary:
+            checks.append(((total > rotary_cos.shape[0]).any(),
+                           f"positions up to cache_seqlens + {Sk} - 1 need more than rotary_cos's "
+                           f"{rotary_cos.shape[0]} rows"))
     if cache_batch_idx is not None:
-        bad.append(((cache_batch_idx < 0) | (cache_batch_idx >= NB)).any())
+        checks.append((((cache_batch_idx < 0) | (cache_batch_idx >= NB)).any(),
+                       f"cache_batch_idx must be in [0, {NB})"))
     if paged:
         need = (total + P - 1) // P                                          # pages each row uses
         used = torch.arange(block_table.shape[1], device=q.device)[None, :] < need[:, None]
-        bad.append((used & ((block_table < 0) | (block_table >= NB))).any())
-    if rotary:
-        bad.append((total > rotary_cos.shape[0]).any())
+        checks.append(((used & ((block_table < 0) | (block_table >= NB))).any(),
+                       f"block_table holds page ids outside [0, {NB}) among the pages in use"))
     if cache_leftpad is not None:
-        bad.append((cache_leftpad < 0).any())
-    flags = torch.stack(bad).tolist()
-    if flags[0]:
-        raise ValueError(f"{fn}: cache_seqlens must be >= 0")
-    if flags[1]:
-        where = f"block_table's {block_table.shape[1]} pages of {P}" if paged else f"the cache's {P} slots"
-        raise ValueError(f"{fn}: cache_seqlens + {Sk} new keys exceeds {where} (max {int(total.max())})")
-    i = 2
-    if cache_batch_idx is not None:
-        if flags[i]:
-            raise ValueError(f"{fn}: cache_batch_idx must be in [0, {NB})")
-        i += 1
-    if paged:
-        if flags[i]:
-            raise ValueError(f"{fn}: block_table holds page ids outside [0, {NB}) among the pages in use")
-        i += 1
-    if rotary:
-        if flags[i]:
-            raise ValueError(f"{fn}: positions up to {int(total.max()) - 1} need more than rotary_cos's "
-                             f"{rotary_cos.shape[0]} rows")
-        i += 1
-    if cache_leftpad is not None and flags[i]:
-        raise ValueError(f"{fn}: cache_leftpad must be >= 0")
+        checks.append(((cache_leftpad < 0).any(), "cache_leftpad must be >= 0"))
+    if checks:
+        for flag, message in zip(torch.stack([c for c, _ in checks]).tolist(), (m for _, m in checks)):
+            if flag:
+                raise ValueError(f"{fn}: {message}")
 
     if k is not None:
         pos = seqlens.long()[:, None] + torch.arange(Sk, device=q.device)    # [B, Sk]
@@ -459,13 +461,18 @@ def flash_attn_with_kvcache(
             qpos = (seqlens.long()[:, None] + torch.arange(Sq, device=q.device) if causal or local
                     else seqlens.long()[:, None].expand(B, Sq))
             q = _rotate(q, rotary_cos, rotary_sin, qpos, rotary_interleaved)
-        if paged:
+        if uniform is not None and not paged and cache_batch_idx is None:
+            k_cache[:, uniform:uniform + Sk] = k   # every row appends at the same slots: two plain copies
+            v_cache[:, uniform:uniform + Sk] = v
+        elif paged:
             rows, slots = block_table.long().gather(1, pos // P), pos % P
+            k_cache[rows, slots] = k
+            v_cache[rows, slots] = v
         else:
             rows = (torch.arange(B, device=q.device) if cache_batch_idx is None else cache_batch_idx.long())
             rows, slots = rows[:, None].expand(B, Sk), pos
-        k_cache[rows, slots] = k
-        v_cache[rows, slots] = v
+            k_cache[rows, slots] = k
+            v_cache[rows, slots] = v
 
     if paged:
         table = block_table
