@@ -10,6 +10,16 @@ materialises the [B, H, L, S] scores; ``llmfast bench --vs eager`` compares with
 ``llmfast:<backend>`` runs ``llmfast.nn.functional.scaled_dot_product_attention``.
 Peak memory is measured for every provider (``MEMORY``): the fused kernels need O(L)
 extra memory, the eager expression O(L·S).
+
+Variant cases (issue 12, CPU): a causal sliding window of W keys (``window W``: key j
+visible to query i iff i - W < j <= i) and ``softcap c``. Their FLOPs count the visible
+pairs only (Σ_i min(i + 1, W) for the window). There ``torch`` is SDPA given the dense
+equivalent bool mask (window) or the unfused reference in the input dtype (softcap: SDPA
+has none), and ``llmfast:<backend>`` calls the fused op with the option; the ratios the
+issue asks for compare these cases with the plain causal case of the same shape, e.g.
+``llmfast bench --op attention --case "H4 L8192" --rounds 5``. Their float64 reference is
+skipped above 4096 keys (the error column reads nan; tests/test_attention_variants.py
+checks the kernels).
 """
 import torch
 import torch.nn.functional as tF
@@ -17,6 +27,7 @@ import torch.nn.functional as tF
 from llmfast import backends
 from llmfast import reference as _ref
 from llmfast.nn import functional as LF
+from llmfast.ops import attention as attention_op
 
 OP = "attention"
 MEMORY = True  # llmfast bench measures peak memory of every provider for this op
@@ -37,6 +48,15 @@ _GPU_FULL = [
     (4, 16, 16, 4096, 4096, 64, True, "fwd+bwd"),
     (4, 16, 16, 4096, 4096, 128, True, "fwd+bwd"),
 ]
+# (B, H, L, D, mode, window, softcap): causal, Hkv = H, S = L
+_CPU_VARIANTS = [
+    (1, 4, 8192, 64, "fwd", 512, 0.0),
+    (1, 4, 8192, 64, "fwd", -1, 0.0),
+    (1, 4, 8192, 64, "fwd+bwd", 512, 0.0),
+    (1, 4, 8192, 64, "fwd+bwd", -1, 0.0),
+    (1, 4, 2048, 64, "fwd+bwd", -1, 30.0),
+    (1, 4, 2048, 64, "fwd+bwd", -1, 0.0),
+]
 _QUICK = [
     (1, 4, 4, 512, 512, 64, False, "fwd"),
     (1, 4, 4, 512, 512, 64, True, "fwd+bwd"),
@@ -51,16 +71,28 @@ def cases(quick, device, dtypes):
             gqa = f" gqa {H}:{Hkv}" if Hkv != H else ""
             name = f"{mode} B{B} H{H} L{L} S{S} D{D}{' causal' if causal else ''}{gqa}"
             out.append(dict(name=name, B=B, H=H, Hkv=Hkv, L=L, S=S, D=D, causal=causal, mode=mode, dtype=dt))
+    if not quick and torch.device(device).type == "cpu":
+        for B, H, L, D, mode, window, softcap in _CPU_VARIANTS:
+            for dt in dtypes:
+                name = (f"{mode} B{B} H{H} L{L} S{L} D{D} causal" + (f" window {window}" if window > 0 else "")
+                        + (f" softcap {softcap:g}" if softcap else "") + " (variants)")
+                out.append(dict(name=name, B=B, H=H, Hkv=H, L=L, S=L, D=D, causal=True, mode=mode, dtype=dt,
+                                window=window, softcap=softcap, variant=True))
     return out
 
 
 def providers(case, device):
-    return ["eager", "torch_compile"]
+    return [] if case.get("variant") else ["eager", "torch_compile"]
 
 
 def work(case):
     flops = 4 * case["B"] * case["H"] * case["L"] * case["S"] * case["D"]
-    if case["causal"]:
+    W = case.get("window", -1)
+    if W > 0:  # visible (query, key) pairs of the causal window: Σ_i min(i + 1, W)
+        L = case["L"]
+        pairs = W * (W + 1) // 2 + max(L - W, 0) * W if L >= W else L * (L + 1) // 2
+        flops = 4 * case["B"] * case["H"] * pairs * case["D"]
+    elif case["causal"]:
         flops //= 2
     if case["mode"] == "fwd+bwd":
         flops = flops * 7 // 2  # forward + 2.5x forward
@@ -107,7 +139,31 @@ def _wrap(fn, case, device, dtype=None):
     return step
 
 
+def _variant_keep(case, device):
+    """[L, S] bool: the causal window as a dense mask (what SDPA needs to be told)."""
+    return _ref.band_keep(case["L"], case["S"], device, is_causal=True, window=(case["window"] - 1, -1))
+
+
+def _setup_variant(provider, case, device):
+    W, cap = case["window"], case["softcap"]
+    window = (W - 1, -1) if W > 0 else (-1, -1)
+    if provider == "torch":
+        if cap:  # SDPA has no soft-cap: the unfused reference in the input dtype
+            return _wrap(lambda q, k, v: _ref.attention(q, k, v, is_causal=True, softcap=cap)[0], case, device)
+        mask = _variant_keep(case, device) if W > 0 else None
+        return _wrap(lambda q, k, v: tF.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None),
+                     case, device)
+    backend = provider.split(":", 1)[1]
+
+    def fn(q, k, v):
+        with backends.backend(backend):
+            return attention_op.attention(q, k, v, is_causal=True, window=window, softcap=cap)[0]
+    return _wrap(fn, case, device)
+
+
 def setup(provider, case, device):
+    if case.get("variant"):
+        return _setup_variant(provider, case, device)
     causal, gqa = case["causal"], case["Hkv"] != case["H"]
     if provider == "torch":
         return _wrap(lambda q, k, v: tF.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa),
@@ -127,6 +183,11 @@ def setup(provider, case, device):
 
 def reference(case, device):
     """float64 result, one (b, head) slice at a time so the scores stay small."""
+    if case.get("variant") and case["S"] > 4096:
+        return None  # an [L, S] float64 slice per head at S = 8192 costs more than the timed runs
+    kw = {}
+    if case.get("variant"):
+        kw = dict(window=(case["window"] - 1, -1) if case["window"] > 0 else (-1, -1), softcap=case["softcap"])
     q, k, v, dout = _inputs(case, device, torch.float64)
     G = case["H"] // case["Hkv"]
     B, H = q.shape[:2]
@@ -136,10 +197,10 @@ def reference(case, device):
             qs = q[b:b + 1, h:h + 1]
             ks, vs = k[b:b + 1, h // G:h // G + 1], v[b:b + 1, h // G:h // G + 1]
             if case["mode"] == "fwd":
-                out[b, h] = _ref.attention(qs, ks, vs, is_causal=case["causal"])[0][0, 0]
+                out[b, h] = _ref.attention(qs, ks, vs, is_causal=case["causal"], **kw)[0][0, 0]
             else:
                 qs = qs.clone().requires_grad_(True)
-                o = _ref.attention(qs, ks, vs, is_causal=case["causal"])[0]
+                o = _ref.attention(qs, ks, vs, is_causal=case["causal"], **kw)[0]
                 (gq,) = torch.autograd.grad(o, qs, dout[b:b + 1, h:h + 1])
                 out[b, h] = gq[0, 0]
     return out
