@@ -212,6 +212,7 @@ def reference(case, device):
 
 def checks():
     """``llmfast check`` cases: (name, make_inputs(device, dtype), fn)."""
+    from llmfast.flash_attn import flash_attn_func
     from llmfast.nn import functional as F
 
     def qkv(B, H, Hkv, L, S, D, Dv=None):
@@ -226,6 +227,10 @@ def checks():
         m = torch.rand(2, 1, 37, 53, device=device) > 0.3
         m[:, :, 5] = False  # a row that sees no key
         return [q, k, v, m]
+
+    def sinked(device, dtype):  # q [1, 97, 4, 64], k/v [1, 301, 2, 64] (Sq < Sk: bottom-right alignment), sinks [4]
+        return [torch.randn(1, 97, 4, 64, device=device).to(dtype), torch.randn(1, 301, 2, 64, device=device).to(dtype),
+                torch.randn(1, 301, 2, 64, device=device).to(dtype), torch.randn(4, device=device)]
 
     def packed(device, dtype):
         x = torch.randn(2, 45, 3, 4, 40, device=device).to(dtype)
@@ -245,4 +250,7 @@ def checks():
         ("attention packed qkv", packed, flash_packed),
         ("attention d=256 L=1", qkv(2, 2, 2, 1, 129, 256),
          lambda q, k, v: F.scaled_dot_product_attention(q, k, v)),
+        # FlashAttention 2's options (bottom-right causal, window, softcap) and sinks, [B, S, H, D]
+        ("attention fa2 window+softcap+sinks", sinked,
+         lambda q, k, v, s: flash_attn_func(q, k, v, causal=True, window_size=(40, -1), softcap=10.0, sinks=s)),
     ]

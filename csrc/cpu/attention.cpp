@@ -254,9 +254,10 @@ struct Problem {
 
 // tanh(x) = 1 - 2 / (exp(2x) + 1) on one exp_u20 (the forward's own exp) and a division:
 // Sleef's tanh (Vectorized::tanh) made a softcap forward+backward ~1.4x plain attention's
-// time; this 1.05x (fp32, D = 64, S = 2048, llmfast bench, a loaded 2-core machine). exp_u20 clamps its argument, so
-// |x| >> 1 gives exactly ±1 (no inf/inf). Its absolute error, ~1e-7 near 0 (cancellation
-// in 1 - 2/(e + 1)), is that of the fp32 score itself once multiplied by c.
+// time; this 1.05x (fp32, D = 64, S = 2048, llmfast bench on a loaded 2-core machine).
+// exp_u20 clamps its argument, so |x| >> 1 gives exactly ±1 (no inf/inf). Its absolute
+// error, ~1e-7 near 0 (cancellation in 1 - 2/(e + 1)), is that of the fp32 score itself
+// once multiplied by c.
 inline Vec fast_tanh(Vec x) { return Vec(1.f) - Vec(2.f) / ((x + x).exp_u20() + Vec(1.f)); }
 
 // z[0, n) = c·tanh(z/c) in place (c = softcap > 0); g[0, n) = 1 - tanh² when g is given

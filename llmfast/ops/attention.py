@@ -118,7 +118,8 @@ backends.register_op(OpSpec(
                "float64 and masks that need a gradient run on torch",
         "triton": f"dropout fused (Philox); bf16 dots upcast to fp32 under TRITON_INTERPRET; {_REF_NOTE}",
         "cuda": _REF_NOTE,
-        "torch": "reference: materialises the L x S scores",
+        "torch": "reference: materialises the L x S scores; llmfast.flash_attn's ALiBi is a dense additive mask "
+                 "and flash_attn_varlen_func runs one call per segment (a host sync), on every backend",
     }))
 
 
