@@ -105,6 +105,13 @@ def compare(fn: Callable, inputs: Sequence, backend_name: str, *, grad: Sequence
     return res
 
 
+def check(fn: Callable, inputs: Sequence, backend_name: str, **kw) -> Result:
+    """:func:`compare`, failing the test (with every error) when the rule does not hold."""
+    res = compare(fn, inputs, backend_name, **kw)
+    assert res.ok, str(res)
+    return res
+
+
 def second_derivatives(fn: Callable, inputs: Sequence, backend_name: str, seed: int = 0):
     """Double backward of ``fn`` on ``backend_name``: the gradient of ``<grad, v>`` with
     respect to every floating input, where ``grad`` is the first input gradient taken

@@ -14,7 +14,7 @@ import torch.nn.functional as tF
 import llmfast
 from llmfast import reference
 from llmfast.nn import functional as F
-from llmfast.testing import compare, second_derivatives
+from llmfast.testing import check, second_derivatives
 
 from conftest import DEVICE, backends_for
 
@@ -26,12 +26,6 @@ def _qkv(B, H, Hkv, L, S, D, Dv=None, dtype=torch.float32, device=DEVICE):
     g = torch.Generator().manual_seed(1000 * L + S + D)
     mk = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     return mk(B, H, L, D), mk(B, Hkv, S, D), mk(B, Hkv, S, Dv or D)
-
-
-def _check(fn, inputs, backend, grad=True):
-    res = compare(fn, inputs, backend, grad=grad)
-    assert res.ok, str(res)
-    return res
 
 
 def _sdpa(**kw):
@@ -47,7 +41,7 @@ def _sdpa(**kw):
 @pytest.mark.parametrize("D", [16, 40, 64, 80, 96, 128, 256])
 def test_head_dims(backend, D, causal):
     q, k, v = _qkv(1, 2, 2, 37, 53, D)
-    _check(_sdpa(is_causal=causal), [q, k, v], backend)
+    check(_sdpa(is_causal=causal), [q, k, v], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -56,7 +50,7 @@ def test_head_dims(backend, D, causal):
 def test_lengths(backend, L, S, causal):
     B, H = (1, 2) if backend == "triton" and _INTERP else (2, 3)
     q, k, v = _qkv(B, H, H, L, S, 64)
-    _check(_sdpa(is_causal=causal), [q, k, v], backend)
+    check(_sdpa(is_causal=causal), [q, k, v], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -65,7 +59,7 @@ def test_lengths(backend, L, S, causal):
 def test_half_dtypes(backend, dtype, causal):
     # bf16 on the interpreted triton backend runs its dots on fp32-upcast operands (UPCAST)
     q, k, v = _qkv(2, 2, 2, 65, 97, 64, dtype=dtype)
-    _check(_sdpa(is_causal=causal), [q, k, v], backend)
+    check(_sdpa(is_causal=causal), [q, k, v], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -74,13 +68,13 @@ def test_half_dtypes(backend, dtype, causal):
 def test_gqa(backend, H, Hkv, causal):
     # key/value gradients are the sums over each group of query heads
     q, k, v = _qkv(2, H, Hkv, 33, 47, 32, Dv=48)
-    _check(_sdpa(is_causal=causal, enable_gqa=True), [q, k, v], backend)
+    check(_sdpa(is_causal=causal, enable_gqa=True), [q, k, v], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_value_dim_and_scale(backend):
     q, k, v = _qkv(1, 2, 2, 29, 31, 40, Dv=24)
-    _check(_sdpa(scale=0.37), [q, k, v], backend)
+    check(_sdpa(scale=0.37), [q, k, v], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -88,9 +82,9 @@ def test_batch_dims(backend):
     # rank 3 (no head dim), rank 5, and a key/value broadcast over the batch
     g = torch.Generator().manual_seed(3)
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
-    _check(_sdpa(), [r(3, 17, 16), r(3, 23, 16), r(3, 23, 16)], backend)
-    _check(_sdpa(is_causal=True), [r(2, 2, 2, 17, 16), r(2, 2, 2, 23, 16), r(2, 2, 2, 23, 16)], backend)
-    _check(_sdpa(), [r(2, 3, 17, 16), r(1, 3, 23, 16), r(1, 3, 23, 16)], backend)
+    check(_sdpa(), [r(3, 17, 16), r(3, 23, 16), r(3, 23, 16)], backend)
+    check(_sdpa(is_causal=True), [r(2, 2, 2, 17, 16), r(2, 2, 2, 23, 16), r(2, 2, 2, 23, 16)], backend)
+    check(_sdpa(), [r(2, 3, 17, 16), r(1, 3, 23, 16), r(1, 3, 23, 16)], backend)
 
 
 # ----------------------------------------------------------------------------------
@@ -113,8 +107,8 @@ def test_bool_and_additive_masks_agree(backend, mshape):
     keep = _bool_mask(mshape)
     add = torch.zeros(mshape, device=DEVICE).masked_fill(~keep, float("-inf"))
     fn = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # noqa: E731
-    _check(fn, [q, k, v, keep], backend)
-    _check(fn, [q, k, v, add], backend, grad=[True, True, True, False])
+    check(fn, [q, k, v, keep], backend)
+    check(fn, [q, k, v, add], backend, grad=[True, True, True, False])
     with llmfast.backend(backend):
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         b = F.scaled_dot_product_attention(q, k, v, attn_mask=add)
@@ -126,7 +120,7 @@ def test_additive_float_mask(backend):
     q, k, v = _qkv(2, 2, 2, 41, 59, 32)
     m = torch.randn(2, 1, 41, 59, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     fn = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # noqa: E731
-    _check(fn, [q, k, v, m], backend, grad=[True, True, True, False])
+    check(fn, [q, k, v, m], backend, grad=[True, True, True, False])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -136,7 +130,7 @@ def test_fully_masked_rows(backend, dtype):
     keep = _bool_mask((21, 37), dead_row=4)
     keep[9] = False
     fn = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # noqa: E731
-    _check(fn, [q, k, v, keep], backend)
+    check(fn, [q, k, v, keep], backend)
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
     with llmfast.backend(backend):
         out, lse = F.flash_attention(qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
@@ -173,7 +167,7 @@ def test_packed_qkv_views(backend, causal):
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(sd, ref.transpose(1, 2), rtol=0, atol=0)
     torch.testing.assert_close(sd2, sd, rtol=0, atol=1e-6)
-    _check(lambda x: F.flash_attention(*x.unbind(2), causal=causal), [qkv], backend)
+    check(lambda x: F.flash_attention(*x.unbind(2), causal=causal), [qkv], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -228,7 +222,7 @@ def test_dropout_matches_reference_mask(backend, causal):
     """Forward and backward use the documented Philox mask (the reference draws the same one)."""
     q, k, v = _qkv(2, 3, 3, 37, 45, 32)
     fn = lambda q, k, v: F.flash_attention(q, k, v, causal=causal, dropout_p=0.3, seed=1234567890123)  # noqa: E731
-    _check(fn, [q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)], backend)
+    check(fn, [q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -509,7 +503,7 @@ def test_triton_sm90_uses_wgmma():
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_long_sequences(backend, causal):
     q, k, v = _qkv(1, 4, 2, 700, 1031, 64)
-    _check(_sdpa(is_causal=causal, enable_gqa=True), [q, k, v], backend)
+    check(_sdpa(is_causal=causal, enable_gqa=True), [q, k, v], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -580,6 +574,6 @@ def test_opinfo_like_half_inputs(backend, dtype, causal, case):
         fn = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=False)  # noqa: E731
         if causal:  # is_causal with attn_mask raises in torch: a bool mask with the causal pattern instead
             m = torch.ones(L, S, dtype=torch.bool, device=DEVICE).tril()
-        _check(fn, [q, k, v, m], backend, grad=[True, True, True, False])
+        check(fn, [q, k, v, m], backend, grad=[True, True, True, False])
     else:
-        _check(_sdpa(is_causal=causal, enable_gqa=H != Hkv), [q, k, v], backend)
+        check(_sdpa(is_causal=causal, enable_gqa=H != Hkv), [q, k, v], backend)

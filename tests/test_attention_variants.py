@@ -14,7 +14,7 @@ import llmfast
 from llmfast import backends, reference
 from llmfast.flash_attn import flash_attn_func, flash_attn_varlen_func
 from llmfast.ops import attention as attention_op
-from llmfast.testing import compare
+from llmfast.testing import check
 
 from conftest import DEVICE, backends_for
 
@@ -26,12 +26,6 @@ def _bshd(B, L, S, H, Hkv, D, Dv=None, dtype=torch.float32, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed + 1000 * L + S + D)
     mk = lambda *shape: (torch.randn(*shape, generator=g) * scale).to(device=DEVICE, dtype=dtype)  # noqa: E731
     return mk(B, L, H, D), mk(B, S, Hkv, D), mk(B, S, Hkv, Dv or D)
-
-
-def _check(fn, inputs, backend):
-    res = compare(fn, inputs, backend)
-    assert res.ok, str(res)
-    return res
 
 
 def _fa(**kw):
@@ -83,14 +77,14 @@ def test_reference_sinks_and_softcap_formulas():
                          ids=["causal", "window", "causal+left", "right0"])
 def test_flash_attn_band(backend, L, S, causal, window):
     q, k, v = _bshd(1, L, S, 2, 2, 16)
-    _check(_fa(causal=causal, window_size=window), [q, k, v], backend)
+    check(_fa(causal=causal, window_size=window), [q, k, v], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_flash_attn_softcap_and_sinks(backend):
     q, k, v = _bshd(1, 29, 41, 4, 2, 16, scale=3.0)  # |scores| ~ 30 >> softcap
     sinks = torch.randn(4, device=DEVICE)
-    _check(_fa(causal=True, softcap=5.0, window_size=(11, -1)), [q, k, v, sinks], backend)
+    check(_fa(causal=True, softcap=5.0, window_size=(11, -1)), [q, k, v, sinks], backend)
 
 
 @pytest.mark.parametrize("backend", CPU)
@@ -98,7 +92,7 @@ def test_flash_attn_softcap_and_sinks(backend):
 def test_flash_attn_half(backend, dtype):
     q, k, v = _bshd(2, 67, 131, 2, 1, 64, dtype=dtype, scale=2.0)
     sinks = torch.randn(2, device=DEVICE)
-    _check(_fa(causal=True, window_size=(40, -1), softcap=20.0), [q, k, v, sinks], backend)
+    check(_fa(causal=True, window_size=(40, -1), softcap=20.0), [q, k, v, sinks], backend)
 
 
 @pytest.mark.parametrize("backend", CPU)
@@ -110,7 +104,7 @@ def test_cpu_kernel_many_blocks(backend, dtype, L, S, causal, window):
     # and end inside blocks, tiles skipped on both sides, GQA, softcap and sinks together
     q, k, v = _bshd(1, L, S, 4, 2, 32, dtype=dtype, scale=1.5)
     sinks = torch.randn(4, device=DEVICE)
-    _check(_fa(causal=causal, window_size=window, softcap=8.0), [q, k, v, sinks], backend)
+    check(_fa(causal=causal, window_size=window, softcap=8.0), [q, k, v, sinks], backend)
 
 
 @pytest.mark.parametrize("backend", CPU)
@@ -126,7 +120,7 @@ def test_window_larger_than_sequence_and_window_as_causal(backend):
 def test_causal_more_queries_than_keys_gives_zero_rows(backend):
     # bottom-right causal with Sq > Sk: the first Sq - Sk query rows see no key at all
     q, k, v = _bshd(1, 20, 7, 2, 2, 16)
-    res = _check(_fa(causal=True), [q, k, v], backend)
+    res = check(_fa(causal=True), [q, k, v], backend)
     with llmfast.backend(backend):
         out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
     assert torch.all(out[:, :13] == 0) and torch.all(torch.isneginf(lse[:, :, :13]))
@@ -137,7 +131,7 @@ def test_causal_more_queries_than_keys_gives_zero_rows(backend):
 def test_alibi(backend):
     q, k, v = _bshd(2, 17, 29, 4, 4, 16)
     slopes = torch.rand(4, device=DEVICE)
-    _check(lambda q, k, v: flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes), [q, k, v], backend)
+    check(lambda q, k, v: flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes), [q, k, v], backend)
     # the FA2 formula, by hand: -slope * |i + Sk - Sq - j| on the scaled scores
     bias = -slopes.view(1, 4, 1, 1) * (torch.arange(17).view(17, 1) + 12 - torch.arange(29)).abs()
     keep = _dense_keep(17, 29, True, (-1, -1))
@@ -146,7 +140,7 @@ def test_alibi(backend):
     torch.testing.assert_close(flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes),
                                torch.einsum("bhls,bshd->blhd", want, v), atol=1e-5, rtol=1e-5)
     per_batch = torch.rand(2, 4, device=DEVICE)
-    _check(lambda q, k, v: flash_attn_func(q, k, v, alibi_slopes=per_batch), [q, k, v], backend)
+    check(lambda q, k, v: flash_attn_func(q, k, v, alibi_slopes=per_batch), [q, k, v], backend)
 
 
 def test_return_attn_probs_layouts():
@@ -219,7 +213,7 @@ def test_varlen_matches_per_segment(backend, causal, window):
     def fn(q, k, v):
         return flash_attn_varlen_func(q, k, v, cq, ck, max(lq), max(lk), causal=causal, window_size=window)
 
-    _check(fn, [q, k, v], backend)
+    check(fn, [q, k, v], backend)
     qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
     with llmfast.backend(backend):
         out, lse, _ = flash_attn_varlen_func(qq, kk, vv, cq, ck, max(lq), max(lk), causal=causal,

@@ -12,7 +12,7 @@ import torch.nn.functional as TF
 import llmfast
 from llmfast import backends
 from llmfast.nn import functional as F
-from llmfast.testing import compare, second_derivatives
+from llmfast.testing import check, second_derivatives
 
 from conftest import DEVICE, backends_for
 
@@ -28,19 +28,13 @@ def _rows(N, C, dtype=torch.float32, scale=2.0, ignore_every=3):
     return x, t
 
 
-def _check(fn, inputs, backend, **kw):
-    res = compare(fn, inputs, backend, **kw)
-    assert res.ok, str(res)
-    return res
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("C,N", [(2, 33), (1000, 17), (32001, 5), (128256, 2)])
 def test_vocab_sizes(backend, reduction, C, N):
     x, t = _rows(N, C)
     t[1] = C - 1  # the last class
-    _check(lambda x, t: F.cross_entropy(x, t, reduction=reduction), [x, t], backend)
+    check(lambda x, t: F.cross_entropy(x, t, reduction=reduction), [x, t], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -50,9 +44,9 @@ def test_dtypes(backend, dtype):
     if dtype not in spec.dtypes_for(backend):
         pytest.skip(f"{backend} does not take {dtype}")
     x, t = _rows(11, 1000, dtype)
-    _check(lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1), [x, t], backend)
+    check(lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1), [x, t], backend)
     x, t = _rows(4, 5003, dtype)
-    _check(lambda x, t: F.cross_entropy(x, t, reduction="none"), [x, t], backend)
+    check(lambda x, t: F.cross_entropy(x, t, reduction="none"), [x, t], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -63,7 +57,7 @@ def test_weight_and_smoothing(backend, reduction, smoothing, weighted):
     C = 300
     x, t = _rows(13, C)
     w = torch.rand(C, device=DEVICE) + 0.25 if weighted else None
-    _check(lambda x, t: F.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=smoothing), [x, t],
+    check(lambda x, t: F.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=smoothing), [x, t],
            backend)
 
 
@@ -74,7 +68,7 @@ def test_all_ignored(backend, reduction):
     t = torch.full((6,), -100, device=DEVICE)
     for w in (None, torch.rand(100, device=DEVICE)):
         fn = lambda x, t: F.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=0.1)  # noqa: E731
-        _check(fn, [x, t], backend)
+        check(fn, [x, t], backend)
         with llmfast.backend(backend):
             out = fn(x, t)
         ref = TF.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=0.1)
@@ -95,7 +89,7 @@ def test_peaked_logits(backend, smoothing):
     x[torch.arange(N), peak] = 30.0
     t = peak.clone()
     t[::2] = (peak[::2] + 1) % C  # half the rows miss the peak: loss ~ 60
-    _check(lambda x, t: F.cross_entropy(x, t, label_smoothing=smoothing, reduction="none"), [x, t], backend)
+    check(lambda x, t: F.cross_entropy(x, t, label_smoothing=smoothing, reduction="none"), [x, t], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,25 +100,25 @@ def test_huge_logits_fp32(backend, smoothing):
     with llmfast.backend(backend):
         out = F.cross_entropy(x, t, reduction="none", label_smoothing=smoothing)
     assert torch.isfinite(out).all()
-    _check(lambda x, t: F.cross_entropy(x, t, reduction="none", label_smoothing=smoothing), [x, t], backend)
+    check(lambda x, t: F.cross_entropy(x, t, reduction="none", label_smoothing=smoothing), [x, t], backend)
     # all logits near +1e4: nothing overflows and the smoothing term does not cancel
     x = 1e4 + torch.randn(6, 3001, device=DEVICE)
-    _check(lambda x, t: F.cross_entropy(x, t, reduction="none", label_smoothing=smoothing), [x, t], backend)
+    check(lambda x, t: F.cross_entropy(x, t, reduction="none", label_smoothing=smoothing), [x, t], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shapes(backend):
     x = torch.randn(37, device=DEVICE)  # [C] with a 0-dim target
     for red in REDUCTIONS:
-        _check(lambda x, t: F.cross_entropy(x, t, reduction=red), [x, torch.tensor(5, device=DEVICE)], backend)
+        check(lambda x, t: F.cross_entropy(x, t, reduction=red), [x, torch.tensor(5, device=DEVICE)], backend)
     x = torch.randn(3, 37, 4, 5, device=DEVICE)  # [N, C, d1, d2]
     t = torch.randint(0, 37, (3, 4, 5), device=DEVICE)
     t[0, 0] = -100
     for red in REDUCTIONS:
-        _check(lambda x, t: F.cross_entropy(x, t, reduction=red, label_smoothing=0.1), [x, t], backend)
+        check(lambda x, t: F.cross_entropy(x, t, reduction=red, label_smoothing=0.1), [x, t], backend)
     # uint8 targets, an ignore_index inside [0, C), an empty batch
     x, t = _rows(9, 200, ignore_every=0)
-    _check(lambda x, t: F.cross_entropy(x, t.to(torch.uint8), ignore_index=7), [x, t % 20], backend)
+    check(lambda x, t: F.cross_entropy(x, t.to(torch.uint8), ignore_index=7), [x, t % 20], backend)
     for red in REDUCTIONS:
         with llmfast.backend(backend):
             out = F.cross_entropy(torch.randn(0, 10, device=DEVICE), torch.zeros(0, dtype=torch.long, device=DEVICE),

@@ -14,7 +14,7 @@ import llmfast
 from llmfast import backends
 from llmfast.nn import functional as F
 from llmfast.ops.fused_linear_cross_entropy import default_chunk_size
-from llmfast.testing import compare
+from llmfast.testing import check
 
 from conftest import DEVICE, backends_for
 
@@ -31,17 +31,12 @@ def _inputs(N=23, H=32, V=500, dtype=torch.float32, bias=True, ignore_every=4):
     return h, w, t, b
 
 
-def _check(fn, inputs, backend, **kw):
-    res = compare(fn, inputs, backend, **kw)
-    assert res.ok, str(res)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("chunk", [1, 7, 8, 23, None])
 def test_matches_unfused(backend, reduction, chunk):
     h, w, t, b = _inputs()
-    _check(lambda h, w, t, b: F.fused_linear_cross_entropy(h, w, t, b, reduction=reduction, chunk_size=chunk),
+    check(lambda h, w, t, b: F.fused_linear_cross_entropy(h, w, t, b, reduction=reduction, chunk_size=chunk),
            [h, w, t, b], backend)
 
 
@@ -50,7 +45,7 @@ def test_matches_unfused(backend, reduction, chunk):
 def test_smoothing_class_weight_no_bias(backend, reduction):
     h, w, t, _ = _inputs(N=19, V=301, bias=False)
     cw = torch.rand(301, device=DEVICE) + 0.5
-    _check(lambda h, w, t: F.fused_linear_cross_entropy(h, w, t, reduction=reduction, label_smoothing=0.1,
+    check(lambda h, w, t: F.fused_linear_cross_entropy(h, w, t, reduction=reduction, label_smoothing=0.1,
                                                         chunk_size=6, class_weight=cw), [h, w, t], backend)
 
 
@@ -63,7 +58,7 @@ def test_softcap(backend, dtype, reduction):
     # factor in the gradients would fail; 'none' takes the recompute path.
     h, w, t, b = _inputs(N=21, V=300, dtype=dtype)
     h = h * 2
-    _check(lambda h, w, t, b: F.fused_linear_cross_entropy(h, w, t, b, reduction=reduction, chunk_size=8,
+    check(lambda h, w, t, b: F.fused_linear_cross_entropy(h, w, t, b, reduction=reduction, chunk_size=8,
                                                            softcap=3.0, label_smoothing=0.1), [h, w, t, b], backend)
 
 
@@ -88,7 +83,7 @@ def test_softcap_matches_torch_and_dtype_option():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_dtypes(backend, dtype):
     h, w, t, b = _inputs(N=21, H=64, V=400, dtype=dtype)
-    _check(lambda h, w, t, b: F.fused_linear_cross_entropy(h, w, t, b, chunk_size=8), [h, w, t, b], backend)
+    check(lambda h, w, t, b: F.fused_linear_cross_entropy(h, w, t, b, chunk_size=8), [h, w, t, b], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -132,7 +127,7 @@ def test_all_ignored(backend):
     h, w, t, b = _inputs()
     t[:] = -100
     for red in ("mean", "sum", "none"):
-        _check(lambda h, w, t, b: F.fused_linear_cross_entropy(h, w, t, b, reduction=red, chunk_size=8),
+        check(lambda h, w, t, b: F.fused_linear_cross_entropy(h, w, t, b, reduction=red, chunk_size=8),
                [h, w, t, b], backend)
 
 

@@ -4,7 +4,7 @@ import torch
 
 import llmfast
 from llmfast.nn import functional as LF
-from llmfast.testing import compare, second_derivatives
+from llmfast.testing import check, second_derivatives
 from tests.conftest import DEVICE, backends_for
 
 BACKENDS = backends_for("glu", emu=True)
@@ -21,18 +21,13 @@ def _x(shape, dtype, scale=3.0):
     return (torch.randn(shape, device=DEVICE) * scale).to(dtype)
 
 
-def _check(fn, inputs, backend, **kw):
-    res = compare(fn, inputs, backend, **kw)
-    assert res.ok, str(res)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("shape", [(1, 1), (3, 127), (2, 5, 96), (2, 2049)], ids=str)
 def test_forward_and_grads(backend, dtype, act, shape):
     f = ACTS[act][0]
-    _check(lambda g, u: f(g, u), [_x(shape, dtype), _x(shape, dtype)], backend)
+    check(lambda g, u: f(g, u), [_x(shape, dtype), _x(shape, dtype)], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -42,7 +37,7 @@ def test_forward_and_grads(backend, dtype, act, shape):
 def test_packed(backend, dtype, act, shape):
     # gate = first half, up = second half; the gradient is the packed tensor's
     f = ACTS[act][0]
-    _check(lambda x: f(x), [_x(shape, dtype)], backend)
+    check(lambda x: f(x), [_x(shape, dtype)], backend)
     x = _x(shape, dtype)
     with llmfast.backend(backend):
         y = f(x)
@@ -56,10 +51,10 @@ def test_non_contiguous(backend, act):
     f = ACTS[act][0]
     # row-strided slices (read in place) and transposes (copied to rows)
     wide = _x((6, 300), torch.float16)
-    _check(lambda g, u: f(g, u), [wide[:, :100], wide[:, 150:250]], backend)
-    _check(lambda g, u: f(g, u), [_x((33, 7), torch.float32).t(), _x((33, 7), torch.float32).t()], backend)
-    _check(lambda x: f(x), [_x((3, 40, 5), torch.bfloat16).transpose(1, 2)], backend)  # packed, copied
-    _check(lambda x: f(x), [_x((4, 50), torch.float32)[::2, 4:44]], backend)  # packed, row-strided view
+    check(lambda g, u: f(g, u), [wide[:, :100], wide[:, 150:250]], backend)
+    check(lambda g, u: f(g, u), [_x((33, 7), torch.float32).t(), _x((33, 7), torch.float32).t()], backend)
+    check(lambda x: f(x), [_x((3, 40, 5), torch.bfloat16).transpose(1, 2)], backend)  # packed, copied
+    check(lambda x: f(x), [_x((4, 50), torch.float32)[::2, 4:44]], backend)  # packed, row-strided view
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -136,7 +131,7 @@ def test_double_backward(backend, act):
 def test_float64_on_cpu_backend():
     if llmfast.available("glu", "cpu")["cpu"] is not None:
         pytest.skip("llmfast._C not built")
-    _check(lambda g, u: LF.geglu(g, u, approximate="none"), [_x((3, 77), torch.float64), _x((3, 77), torch.float64)],
+    check(lambda g, u: LF.geglu(g, u, approximate="none"), [_x((3, 77), torch.float64), _x((3, 77), torch.float64)],
            "cpu")
 
 

@@ -4,7 +4,7 @@ import torch
 
 import llmfast
 from llmfast.nn import functional as LF
-from llmfast.testing import compare, second_derivatives
+from llmfast.testing import check, second_derivatives
 from tests.conftest import DEVICE, backends_for
 
 BACKENDS = backends_for("softmax", emu=True)
@@ -16,11 +16,6 @@ def _x(shape, dtype, scale=1.0):
     return (torch.randn(shape, device=DEVICE) * scale).to(dtype)
 
 
-def _check(fn, inputs, backend, **kw):
-    res = compare(fn, inputs, backend, **kw)
-    assert res.ok, str(res)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
@@ -28,7 +23,7 @@ def _check(fn, inputs, backend, **kw):
 def test_widths(backend, dtype, log, width):
     rows = 3 if width < 4097 else 2
     f = FNS["log_softmax" if log else "softmax"]
-    _check(lambda x: f(x, -1), [_x((rows, width), dtype, 3.0)], backend)
+    check(lambda x: f(x, -1), [_x((rows, width), dtype, 3.0)], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -50,16 +45,16 @@ def test_long_row_not_truncated(backend, log):
 @pytest.mark.parametrize("dim", [0, 1, -1, 2])
 def test_any_dim_and_transposed(backend, dim):
     x = _x((5, 33, 7), torch.float32)
-    _check(lambda t: LF.softmax(t, dim), [x], backend)
+    check(lambda t: LF.softmax(t, dim), [x], backend)
     xt = _x((7, 33, 5), torch.float32).transpose(0, 2)  # non-contiguous
     assert not xt.is_contiguous()
-    _check(lambda t: LF.log_softmax(t, dim), [xt], backend)
+    check(lambda t: LF.log_softmax(t, dim), [xt], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_slices(backend):
     base = _x((6, 300), torch.float16)
-    _check(lambda t: LF.softmax(t, -1), [base[::2, 10:250]], backend)
+    check(lambda t: LF.softmax(t, -1), [base[::2, 10:250]], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -80,7 +75,7 @@ def test_masks(backend, dtype, log, kind):
         mask = torch.rand(2, 1, 1, 45, generator=g) > 0.3
     mask = mask.to(DEVICE)
     f = FNS["log_softmax" if log else "softmax"]
-    _check(lambda t: f(t, -1, scale=0.7, mask=mask), [x], backend)
+    check(lambda t: f(t, -1, scale=0.7, mask=mask), [x], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -113,7 +108,7 @@ def test_fully_masked_rows_give_zeros_and_zero_grad(backend, log, width):
     assert torch.isfinite(x.grad).all()
     assert torch.equal(x.grad[1], torch.zeros(width))
     assert (x.grad[0][~keep[0]] == 0).all()  # masked positions get no gradient
-    _check(lambda t: f(t, -1, mask=keep), [x.detach()], backend)
+    check(lambda t: f(t, -1, mask=keep), [x.detach()], backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -144,7 +139,7 @@ def test_masked_log_softmax_ignores_gradient_at_masked_positions(backend, width)
 def test_causal(backend, log, L, S):
     x = _x((2, 3, L, S), torch.float32)
     f = FNS["log_softmax" if log else "softmax"]
-    _check(lambda t: f(t, -1, is_causal=True), [x], backend)
+    check(lambda t: f(t, -1, is_causal=True), [x], backend)
     ref = torch.softmax(x.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=DEVICE).tril(), float("-inf")), -1)
     with llmfast.backend(backend):
         y = LF.softmax(x, -1, is_causal=True)
@@ -155,8 +150,8 @@ def test_causal(backend, log, L, S):
 def test_causal_with_mask_and_other_dim(backend):
     x = _x((2, 9, 11), torch.float32)
     m = torch.rand(9, 11, device=DEVICE) > 0.2
-    _check(lambda t: LF.softmax(t, -1, mask=m, is_causal=True, scale=2.0), [x], backend)
-    _check(lambda t: LF.softmax(t, 1, is_causal=True), [x], backend)  # causal over (L, S), softmax over L
+    check(lambda t: LF.softmax(t, -1, mask=m, is_causal=True, scale=2.0), [x], backend)
+    check(lambda t: LF.softmax(t, 1, is_causal=True), [x], backend)  # causal over (L, S), softmax over L
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
