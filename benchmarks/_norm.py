@@ -150,3 +150,13 @@ class NormBench:
     def module_api(self):
         """(cases, providers, work, setup, reference) for a bench_<op> module."""
         return self.cases, self.providers, self.work, self.setup, self.reference
+
+
+def inplace_check(norm_):
+    """An ``llmfast check`` function for the in-place norm ``norm_(x, r, *params)``: it runs
+    on detached copies (no autograd, so the kernel itself runs, and the check's inputs stay
+    as they were) and returns (out, residual) for the forward comparison."""
+    def fn(x, r, *params):
+        x, r = x.detach().clone(), r.detach().clone()
+        return norm_(x, r, *(p.detach() for p in params))
+    return fn

@@ -6,7 +6,7 @@ bytes formula are shared with RMSNorm (benchmarks/_norm.py).
 """
 import torch
 
-from llmfast.benchmarks._norm import NormBench
+from llmfast.benchmarks._norm import NormBench, inplace_check
 from llmfast.nn import functional as LF
 
 OP = "layer_norm"
@@ -45,6 +45,8 @@ def checks():
         ("layer_norm", affine(781), lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b)),
         ("layer_norm fp32 params", affine(512, torch.float32), lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b)),
         ("layer_norm residual", with_residual, lambda x, r, w, b: F.layer_norm(x, (1000,), w, b, residual=r)),
+        ("layer_norm in place residual", with_residual,
+         inplace_check(lambda x, r, w, b: F.layer_norm_(x, (1000,), w, b, residual=r))),
         ("layer_norm 2-D shape", plain, lambda x: F.layer_norm(x, (16, 24))),
         ("layer_norm long row", affine(10000), lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b)),
     ]

@@ -6,7 +6,7 @@ Cases, modes and the bytes formula are shared with LayerNorm (benchmarks/_norm.p
 """
 import torch
 
-from llmfast.benchmarks._norm import NormBench
+from llmfast.benchmarks._norm import NormBench, inplace_check
 from llmfast.nn import functional as LF
 
 OP = "rms_norm"
@@ -43,6 +43,8 @@ def checks():
         ("rms_norm", weighted(781), lambda x, w: F.rms_norm(x, (x.shape[-1],), w, 1e-6)),
         ("rms_norm fp32 weight", weighted(512, torch.float32), lambda x, w: F.rms_norm(x, (x.shape[-1],), w, 1e-6)),
         ("rms_norm residual", with_residual, lambda x, r, w: F.rms_norm(x, (1000,), w, 1e-6, residual=r)),
+        ("rms_norm in place residual", with_residual,
+         inplace_check(lambda x, r, w: F.rms_norm_(x, (1000,), w, 1e-6, residual=r))),
         ("rms_norm 2-D shape", plain, lambda x: F.rms_norm(x, (16, 24), eps=1e-6)),
         ("rms_norm long row", weighted(10000), lambda x, w: F.rms_norm(x, (x.shape[-1],), w, 1e-6)),
     ]
