@@ -179,10 +179,8 @@ def norm_(op: str, x: Tensor, normalized_shape, weight, bias, eps, residual, out
     if which == "torch" or grads or x.numel() == 0 or any(v is None and t is not None
                                                            for v, t in zip(views, (x, residual, out))):
         s = x if residual is None else residual.add_(x)
-        if centered:
-            dst.copy_(torch.nn.functional.layer_norm(s, list(normalized_shape), weight, bias, eps))
-        else:
-            dst.copy_(torch.nn.functional.rms_norm(s, list(normalized_shape), weight, eps))
+        dst.copy_(reference.layer_norm(s, normalized_shape, weight, bias, eps) if centered
+                  else reference.rms_norm(s, normalized_shape, weight, eps))
     else:
         w = weight.reshape(N) if weight is not None else None
         b = bias.reshape(N) if bias is not None else None
