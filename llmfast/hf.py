@@ -4,7 +4,10 @@ transformers (5.x) models look up their attention function by name,
 ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...)``, and
 build their masks with ``ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]``.
 :func:`register` adds ``"llmfast"`` to both; :func:`llmfast.patch` then points a
-model's config at it. :class:`OffsetRMSNorm` runs Gemma's ``(1 + weight)`` RMSNorm;
+model's config at it. Decoding (a few query tokens against the model's own cache, no
+gradient) runs the split-KV decode kernel on the cache's K/V, with transformers' mask
+(left padding, sliding window) translated into the kernel's rule; prefill and training
+run the attention kernel. :class:`OffsetRMSNorm` runs Gemma's ``(1 + weight)`` RMSNorm;
 :func:`causal_lm_class` makes the ``<Family>ForCausalLM`` subclass whose training
 forward takes the loss through ``fused_linear_cross_entropy`` (:data:`CAUSAL_LM_HEADS`
 says how each family's head differs). Nothing here imports transformers at module
@@ -15,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -51,6 +55,10 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     # The mask builder returns None exactly when plain causal attention is what's meant
     # (no padding, no sliding window in reach); a single query token sees every key.
     is_causal = bool(is_causal) and attention_mask is None and q_len > 1
+    if q_len <= DECODE_MAX_QUERIES and kv_len > q_len and sinks is None:
+        out = _decode(query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window, softcap)
+        if out is not None:
+            return out, None
     if is_causal and kv_len > q_len:
         # A causal mask without a given mask aligns to the top-left corner (torch's rule), so
         # keys past the last query would be visible to nobody: they are padding of an empty
@@ -70,6 +78,90 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                          is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa)
     return out.transpose(1, 2).contiguous(), None
+
+
+# Decoding: a block of at most this many query tokens against a longer key sequence (the
+# model's cache: DynamicCache, StaticCache, sliding-window layers) goes to the split-KV decode
+# kernel, which reads each K/V row once for all the query heads of its group; longer query
+# blocks (prefill) go to the attention kernel, which tiles the queries too.
+DECODE_MAX_QUERIES = 16
+
+
+def _decode(query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], dropout: float,
+            scaling: Optional[float], is_causal: bool, sliding_window, softcap) -> Optional[Tensor]:
+    """Decode attention by ``llmfast.ops.kvcache`` on the cache's K/V as they are: [B, Lq, H, D], or None
+    when this call is not a decode problem the kernel states exactly (the caller then runs the general path).
+
+    The K/V transformers hands over ([B, Hkv, S, D], the cache after its update) are the kernel's
+    contiguous cache seen as B pages of S keys, [B, S, Hkv, D] by a transpose: no copy. The mask is
+    translated into the kernel's visibility rule (:func:`_decode_visibility`) and used only when
+    that rule reproduces it exactly.
+    """
+    from llmfast.ops import kvcache
+
+    if dropout or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+        return None  # the decode kernel has no backward (and no dropout)
+    if not (query.dtype == key.dtype == value.dtype and query.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and query.device == key.device == value.device and key.shape[-1] == value.shape[-1] == query.shape[-1]
+            and key.stride(-1) == 1 and value.stride(-1) == 1 and query.shape[1] % key.shape[1] == 0):
+        return None
+    B, _, q_len, D = query.shape
+    rule = _decode_visibility(attention_mask, B, q_len, key.shape[2], is_causal, sliding_window, query.device)
+    if rule is None:
+        return None
+    seqlens, kv_start, causal, window = rule
+    table = torch.arange(B, dtype=torch.int32, device=query.device)[:, None]   # [B, 1]: row b is page b
+    out, _ = kvcache.kvcache_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), table,
+                                       seqlens, kv_start, scale=D ** -0.5 if scaling is None else float(scaling),
+                                       causal=causal, window=window, softcap=float(softcap or 0.0))
+    return out   # [B, Lq, Hq, D] contiguous
+
+
+# The models pass one mask object to every layer of a forward: its translation is kept for the
+# next layers (a weak reference, so a freed mask is never mistaken for a new one at its address).
+_last_visibility: list = [None, None, None]   # [weakref to the mask, the other arguments, the rule]
+
+
+def _decode_visibility(mask: Optional[Tensor], B: int, q_len: int, kv_len: int, is_causal: bool, sliding_window,
+                       device) -> Optional[tuple]:
+    """``(seqlens [B] int32, kv_start [B] int32 or None, causal, window)`` under which the kvcache
+    kernel's rule (bottom-right aligned: query i sits at seqlens[b] - q_len + i) shows each query the
+    keys transformers' ``mask`` shows it, or None when no such rule exists.
+
+    No mask: the rule this module's general path applies (``is_causal`` already folded in: q_len 1
+    sees every key; a causal block is top-left aligned, so its keys past q_len are the unfilled
+    slots of an empty static cache). A bool mask [B or 1, 1, Lq, S] (True = attend): left padding
+    gives kv_start (the first key any query sees), the cache's filled length gives seqlens (one
+    past the last key any query sees), a sliding window W gives window (W - 1, -1); the rule is
+    then rebuilt and compared with the mask, so a mask of any other shape (per-head, chunked,
+    bidirectional blocks, a float bias) falls back instead of being approximated.
+    """
+    from llmfast.ops import kvcache
+
+    window = (int(sliding_window) - 1, -1) if sliding_window is not None else (-1, -1)
+    if mask is None:
+        if not is_causal:
+            return torch.full((B,), kv_len, dtype=torch.int32, device=device), None, False, (-1, -1)
+        return torch.full((B,), q_len, dtype=torch.int32, device=device), None, True, window
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (q_len, kv_len) \
+            or mask.shape[0] not in (1, B):
+        return None
+    args = (B, q_len, kv_len, sliding_window)
+    ref, memo_args, rule = _last_visibility
+    if ref is not None and ref() is mask and memo_args == args:
+        return rule
+    seen = mask[:, 0].expand(B, q_len, kv_len)
+    keys = seen.any(1)                                                    # [B, S]: seen by some query
+    some = keys.any(1)
+    first = keys.int().argmax(1)
+    last = kv_len - 1 - keys.flip(1).int().argmax(1)
+    seqlens = torch.where(some, last + 1, 0).to(torch.int32)
+    kv_start = torch.where(some, first, 0).to(torch.int32)
+    rule = None
+    if torch.equal(kvcache.visible(seqlens, kv_start, q_len, kv_len, True, window[0], window[1]), seen):
+        rule = (seqlens, kv_start if bool(kv_start.any()) else None, True, window)
+    _last_visibility[:] = [weakref.ref(mask), args, rule]
+    return rule
 
 
 def available() -> bool:
