@@ -1,13 +1,23 @@
-"""Checkpoints: one ``ckpt.pt`` per run, written atomically, read as plain data.
+"""Checkpoints: one ``ckpt.pt`` per run, written durably, read as plain data.
 
-A checkpoint holds the model and optimizer state, the RNG state, the model config and
-training settings, the step, the token count and the validation curve so far, and which
-corpus it was trained on: everything ``--resume`` needs to continue the same curve.
+A checkpoint holds the model and optimizer state, the RNG states (torch, numpy, Python),
+the model config and training settings, the step (which is also the data position:
+batches are a function of (seed, step)), the token count, the validation curve and the
+per-step training losses so far, and which corpus it was trained on: everything
+``--resume`` needs to continue the uninterrupted run bit for bit.
+
+Durability (:func:`atomic_write`): the new checkpoint is written to a temporary file in
+the same folder, flushed and fsync'ed, then renamed over the old one (``os.replace`` is
+atomic on POSIX) and the folder is fsync'ed so that the rename itself survives a power
+cut. Until the rename the last good checkpoint stays in place, so a run killed while
+saving (SIGKILL, OOM killer, power) resumes from it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import random
 import zipfile
 from pathlib import Path
 
@@ -19,14 +29,88 @@ CHECKPOINT_NAME = "ckpt.pt"
 FORMAT = "llmfast-gpt-1"
 
 
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):   # some file systems cannot open or fsync a folder
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write(f, state) -> None:
+    """Serialise ``state`` into the open file ``f`` (a seam: the kill-while-saving test replaces it)."""
+    torch.save(state, f)
+
+
+def atomic_write(path: Path, state) -> None:
+    """``torch.save(state, path)`` such that ``path`` is always either the old file or the whole new one."""
+    path = Path(path)
+    # Same folder as the target: os.replace is only atomic within one file system. The pid
+    # keeps two writers (a stray second run) from truncating each other's temporary file.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            _write(f, state)
+            f.flush()
+            os.fsync(f.fileno())   # the data is on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+    # Leftovers of writers that were killed mid-save (other pids) are never read: drop them.
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+def rng_state() -> dict:
+    """Every RNG a training step may draw from: torch (CPU and CUDA), numpy, Python's ``random``.
+
+    Stored as tensors, ints and lists so that a ``weights_only`` load reads them back.
+    """
+    state = dict(torch=torch.get_rng_state(), python=_plain(random.getstate()))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:
+        return state
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)]
+    return state
+
+
+def set_rng_state(state) -> None:
+    if isinstance(state, torch.Tensor):   # checkpoints before the numpy/Python states were kept
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+
+
+def _plain(x):
+    return [_plain(v) for v in x] if isinstance(x, tuple) else x
+
+
+def _tuple(x):
+    return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
+
+
 def save_checkpoint(path: Path, model, opt, **progress) -> None:
-    """Write model, optimizer, config and RNG state, and ``progress`` (step, curve, settings, ...)."""
+    """Write model, optimizer, config and RNG states, and ``progress`` (step, curve, settings, ...)."""
     state = dict(format=FORMAT, model=model.state_dict(), optimizer=opt.state_dict(),
-                 config=model.config.to_dict(), rng=torch.get_rng_state(), **progress)
-    # Write then rename: an interrupted save never leaves a truncated checkpoint behind.
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+                 config=model.config.to_dict(), rng=rng_state(), **progress)
+    atomic_write(path, state)
 
 
 def load_checkpoint(path) -> dict:
@@ -41,6 +125,9 @@ def load_checkpoint(path) -> dict:
         # a truncated copy, or a legacy pickle we would have to execute to read.
         raise CLIError(f"cannot read checkpoint {str(p)!r}: not a torch.save file "
                        f"({p.stat().st_size:,} bytes of something else, or a damaged copy)")
+    bad = _bad_member(p)
+    if bad:
+        raise CLIError(f"cannot read checkpoint {str(p)!r}: damaged or incomplete ({bad})")
     try:
         # weights_only: a checkpoint is tensors, numbers, strings and lists; refusing
         # arbitrary pickles means a hostile file cannot run code.
@@ -54,6 +141,21 @@ def load_checkpoint(path) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CLIError(f"{str(p)!r} is not an llmfast train checkpoint")
     return state
+
+
+def _bad_member(p: Path):
+    """Why the zip archive at ``p`` is damaged (a record failing its CRC-32, a cut-off file), or None.
+
+    torch.load would not notice a flipped bit inside a tensor's bytes: it would load
+    wrong weights. Every zip record carries a CRC-32 of its data; checking them costs one
+    read of the file.
+    """
+    try:
+        with zipfile.ZipFile(p) as z:
+            name = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return str(e) or type(e).__name__
+    return f"record {name!r} fails its CRC-32 check" if name else None
 
 
 def build_model(config: dict, device):

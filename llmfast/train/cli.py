@@ -16,7 +16,7 @@ import torch
 
 from llmfast.cli import CLIError, add_backend_argument, add_device_argument, resolve_device
 from llmfast.train import loop
-from llmfast.train.checkpoints import CHECKPOINT_NAME, build_model, load_checkpoint, restore
+from llmfast.train.checkpoints import CHECKPOINT_NAME, build_model, load_checkpoint, restore, set_rng_state
 from llmfast.train.data import DEFAULT_CORPUS_MB, VOCAB_SIZE, ByteData, load_corpus
 
 COMMANDS = ("train", "generate")
@@ -128,11 +128,11 @@ def cmd_train(args) -> int:
     torch.manual_seed(h["seed"])
     model = build_model(model_cfg, device)
     opt = loop.make_optimizer(model, h)
-    start, curve, tokens = 0, [], 0
+    start, curve, tokens, losses = 0, [], 0, []
     if ckpt:
         restore(ckpt, model, opt)
-        start, curve, tokens = ckpt["step"], list(ckpt["curve"]), ckpt["tokens"]
-        torch.set_rng_state(ckpt["rng"])
+        start, curve, tokens, losses = ckpt["step"], list(ckpt["curve"]), ckpt["tokens"], list(ckpt.get("losses", []))
+        set_rng_state(ckpt["rng"])
     if start >= h["steps"]:
         print(f"llmfast train: the checkpoint is at step {start}, which is already --steps {h['steps']}; "
               "nothing to do (raise --steps to continue)")
@@ -153,6 +153,7 @@ def cmd_train(args) -> int:
     with llmfast.backend(args.backend):
         n_train, t_train = loop.fit(model, opt, data, h, device, ckpt_path=ckpt_path,
                                     meta=dict(meta, corpus=data.digest), start=start, curve=curve, tokens=tokens,
+                                    losses=losses,
                                     autocast=args.autocast, compile=args.compile, quiet=args.quiet)
     print("\nvalidation curve:")
     print(loop.format_curve(curve))

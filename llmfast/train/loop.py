@@ -93,19 +93,22 @@ def _eval_point(model, data, h, device, autocast, step, tokens, train_loss) -> d
 
 
 def fit(model, opt, data: ByteData, h: dict, device, *, ckpt_path, meta: dict, start: int = 0, curve=None,
-        tokens: int = 0, autocast=None, compile: bool = False, quiet: bool = False) -> tuple[int, float]:
+        tokens: int = 0, losses=None, autocast=None, compile: bool = False,
+        quiet: bool = False) -> tuple[int, float]:
     """Train from step ``start`` to ``h["steps"]``; returns (steps run, seconds they took).
 
     Every ``eval_interval`` steps (and at the last) the validation loss joins ``curve``
     (a list, extended in place; it starts with the untrained model's point) and the
     checkpoint at ``ckpt_path`` is rewritten with ``meta`` (the corpus it came from).
+    ``losses`` (a list, extended in place) gets every step's training loss.
     """
     curve = [] if curve is None else curve
+    losses = [] if losses is None else losses
     tok_per_step = h["batch_size"] * data.block_size
     run = torch.compile(model) if compile else model
 
     def checkpoint(step):
-        save_checkpoint(ckpt_path, model, opt, train=h, step=step, tokens=tokens, curve=curve, **meta)
+        save_checkpoint(ckpt_path, model, opt, train=h, step=step, tokens=tokens, curve=curve, losses=losses, **meta)
 
     def tok_s(n, seconds):
         return f"{n * tok_per_step / max(seconds, 1e-9):,.0f} tok/s"
@@ -125,6 +128,7 @@ def fit(model, opt, data: ByteData, h: dict, device, *, ckpt_path, meta: dict, s
             if not math.isfinite(loss):
                 raise CLIError(f"the loss became {loss} at step {step + 1}; lower --lr or set --grad-clip")
             tokens += tok_per_step
+            losses.append(loss)
             n_train += 1
             win_steps += 1
             recent = (recent + [loss])[-h["eval_interval"]:]
