@@ -54,8 +54,8 @@ from llmfast.ops.kvcache import kvcache_attention
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
 
 
-def _check_options(name: str, window_size, softcap, alibi_slopes, sinks, q: Tensor, batch: int) -> tuple:
-    """The window as (left, right) ints; raises on bad options (FlashAttention 2's rules)."""
+def _check_window_softcap(name: str, window_size, softcap) -> tuple:
+    """The window as (left, right) ints; raises on a bad window or softcap (FlashAttention 2's rules)."""
     try:
         left, right = window_size
     except (TypeError, ValueError):
@@ -69,6 +69,12 @@ def _check_options(name: str, window_size, softcap, alibi_slopes, sinks, q: Tens
         raise TypeError(f"{name}(): softcap must be a float, got {type(softcap).__name__}")
     if not softcap >= 0.0 or softcap == float("inf"):
         raise ValueError(f"{name}(): softcap must be finite and >= 0 (0 = off), got {softcap}")
+    return left, right
+
+
+def _check_options(name: str, window_size, softcap, alibi_slopes, sinks, q: Tensor, batch: int) -> tuple:
+    """The window as (left, right) ints; raises on bad options (FlashAttention 2's rules)."""
+    left, right = _check_window_softcap(name, window_size, softcap)
     H = q.shape[-2]
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, Tensor):
@@ -92,7 +98,8 @@ def _check_options(name: str, window_size, softcap, alibi_slopes, sinks, q: Tens
 
 
 def _check_qkv(name: str, q: Tensor, k: Tensor, v: Tensor, dims: int, dropout_p, softmax_scale) -> None:
-    _check_attention_inputs(name, q, k, v, softmax_scale, dropout_p)
+    _check_attention_inputs(name, q, k, v, softmax_scale, dropout_p, names=("q", "k", "v"),
+                            scale_arg="softmax_scale")
     layout = "[B, S, H, D]" if dims == 4 else "[total, H, D]"
     if q.dim() != dims or k.dim() != dims or v.dim() != dims:
         raise RuntimeError(f"{name}(): q, k, v must be {dims}-D {layout}, got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -344,7 +351,7 @@ def flash_attn_with_kvcache(
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1 and D > 1:
             raise ValueError(f"{fn}: {name} must have a contiguous last dimension (it is updated in place)")
-    if any(t.requires_grad for t in (q, k_cache, v_cache, k, v) if t is not None) and torch.is_grad_enabled():
+    if any(isinstance(t, Tensor) and t.requires_grad for t in (q, k_cache, v_cache, k, v)) and torch.is_grad_enabled():
         raise RuntimeError(f"{fn} has no backward (as in FlashAttention); call it under torch.no_grad() "
                            "or pass tensors that do not require grad")
     paged = block_table is not None
@@ -408,6 +415,7 @@ def flash_attn_with_kvcache(
                              f"{list(rotary_cos.shape)} and {list(rotary_sin.shape)}")
         if 2 * rotary_cos.shape[1] > D:
             raise ValueError(f"{fn}: rotary_dim {2 * rotary_cos.shape[1]} exceeds the head dim {D}")
+    window_size = _check_window_softcap(fn, window_size, softcap)
     local = window_size[0] >= 0 or window_size[1] >= 0
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, Tensor) or not alibi_slopes.is_floating_point():
@@ -415,13 +423,19 @@ def flash_attn_with_kvcache(
         if alibi_slopes.shape not in ((Hq,), (B, Hq)):
             raise ValueError(f"{fn}: alibi_slopes must have shape [{Hq}] or [{B}, {Hq}], got "
                              f"{list(alibi_slopes.shape)}")
-    if not isinstance(num_splits, int) or num_splits < 0:
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"{fn}: alibi_slopes is on {alibi_slopes.device}, expected {q.device} (q's device)")
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
+        raise TypeError(f"{fn}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"{fn}: num_splits must be an int >= 0, got {num_splits!r}")
 
     # Everything that would index out of bounds, checked before anything is written: on the
     # host when every row has the same length (an int cache_seqlens: decode loops such as
     # GPT.generate pay no device round trip), else with one device-to-host sync for all of it.
     total = seqlens.long() + Sk
+    # rotary rows read: the new keys', and the queries' (at cache_seqlens + i when causal or local)
+    reach = max(Sk, Sq if (causal or local) else 1)
     where = f"block_table's {block_table.shape[1]} pages of {P}" if paged else f"the cache's {P} slots"
     checks = []   # (bool tensor, message)
     if uniform is not None:
@@ -429,15 +443,15 @@ def flash_attn_with_kvcache(
             raise ValueError(f"{fn}: cache_seqlens must be >= 0")
         if uniform + Sk > capacity:
             raise ValueError(f"{fn}: cache_seqlens + {Sk} new keys exceeds {where} (max {uniform + Sk})")
-        if rotary and uniform + Sk > rotary_cos.shape[0]:
-            raise ValueError(f"{fn}: positions up to {uniform + Sk - 1} need more than rotary_cos's "
+        if rotary and uniform + reach > rotary_cos.shape[0]:
+            raise ValueError(f"{fn}: positions up to {uniform + reach - 1} need more than rotary_cos's "
                              f"{rotary_cos.shape[0]} rows")
     else:
         checks += [((seqlens < 0).any(), "cache_seqlens must be >= 0"),
                    ((total > capacity).any(), f"cache_seqlens + {Sk} new keys exceeds {where}")]
         if rotary:
-            checks.append(((total > rotary_cos.shape[0]).any(),
-                           f"positions up to cache_seqlens + {Sk} - 1 need more than rotary_cos's "
+            checks.append(((seqlens.long() + reach > rotary_cos.shape[0]).any(),
+                           f"positions up to cache_seqlens + {reach} - 1 need more than rotary_cos's "
                            f"{rotary_cos.shape[0]} rows"))
     if cache_batch_idx is not None:
         checks.append((((cache_batch_idx < 0) | (cache_batch_idx >= NB)).any(),

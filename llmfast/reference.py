@@ -26,12 +26,17 @@ def softmax(x, dim=-1, *, scale=None, mask=None, is_causal=False, log=False):
         z = z.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else z + mask.to(z.dtype)
     if is_causal:
         z = z.masked_fill(~causal_keep(z.shape[-2], z.shape[-1], z.device), float("-inf"))
-    out = torch.log_softmax(z, dim) if log else torch.softmax(z, dim)
     if mask is not None or is_causal:
         dead = torch.isneginf(z)
+        empty = dead.all(dim, keepdim=True)
+        # A row with nothing visible is softmaxed as zeros and then overwritten: its -inf
+        # logits would give NaN, and through an additive mask a NaN gradient, not zero.
+        z = z.masked_fill(empty, 0.0)
+    out = torch.log_softmax(z, dim) if log else torch.softmax(z, dim)
+    if mask is not None or is_causal:
         if log:  # the constant branch of masked_fill carries no gradient
             out = out.masked_fill(dead, float("-inf"))
-        out = out.masked_fill(dead.all(dim, keepdim=True), 0.0)
+        out = out.masked_fill(empty, 0.0)
     return out
 
 
@@ -220,10 +225,13 @@ def attention(q, k, v, mask=None, *, scale=None, is_causal=False, dropout_p=0.0,
         p = torch.softmax(zs, -1)[..., :S]
     else:
         lse = torch.logsumexp(z, -1) if S > 0 else z.new_full((B, H, L), float("-inf"))
-        p = torch.softmax(z, -1)
-    if sinks is None and S > 0 and (mask is not None or banded):
-        dead = torch.isneginf(lse).unsqueeze(-1)
-        p = p.masked_fill(dead, 0.0)  # no visible key: zeros and zero gradient, not NaN
+        if S > 0 and (mask is not None or banded):
+            # no visible key: zeros and zero gradient, not NaN (softmax of the -inf row is
+            # NaN, and through an additive mask so would be the gradient: replace it first)
+            dead = torch.isneginf(lse).unsqueeze(-1)
+            p = torch.softmax(z.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
+        else:
+            p = torch.softmax(z, -1)
     if dropout_p > 0:
         if dropout_p >= 1:
             p = p * 0.0
@@ -237,10 +245,13 @@ def attention(q, k, v, mask=None, *, scale=None, is_causal=False, dropout_p=0.0,
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     """:func:`torch.nn.functional.cross_entropy`: llmfast's semantics are torch's.
 
-    ``weight`` may be of any float dtype (it is cast to the input's, which torch requires).
+    ``weight`` may be of any float dtype (it is cast to the input's, which torch requires);
+    ``target`` may be uint8 class indices for any input rank (the kernels take them).
     """
     if weight is not None:
         weight = weight.to(input.dtype)
+    if target.dtype == torch.uint8:  # class indices; torch's nll_loss2d takes int64 only
+        target = target.long()
     return torch.nn.functional.cross_entropy(input, target, weight=weight, ignore_index=ignore_index,
                                              reduction=reduction, label_smoothing=label_smoothing)
 

@@ -168,6 +168,17 @@ def _check_norm_args(name: str, input, normalized_shape, params: dict, eps, resi
     return shape
 
 
+def _check_layer_norm_dtypes(name: str, input: Tensor, weight, bias):
+    """torch's rule: weight and bias in the input's dtype, or both float32 for a float16/bfloat16 input."""
+    for arg, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.dtype != input.dtype and not (p.dtype == torch.float32 and input.dtype in _HALF):
+            raise RuntimeError(f"{name}(): mixed dtype: {arg} is {p.dtype} but input is {input.dtype}; expected "
+                               f"{input.dtype}" + (" or torch.float32" if input.dtype in _HALF else ""))
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise RuntimeError(f"{name}(): mixed dtype: weight is {weight.dtype} but bias is {bias.dtype}; expected "
+                           "one dtype for both (as torch.nn.functional.layer_norm)")
+
+
 def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5, *, residual: Optional[Tensor] = None):
     r"""Layer normalisation over the trailing ``normalized_shape`` dims, like
@@ -185,10 +196,7 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[
     Statistics are fp32 for fp16/bf16 inputs; the output has the input's dtype.
     """
     shape = _check_norm_args("layer_norm", input, normalized_shape, {"weight": weight, "bias": bias}, eps, residual)
-    for arg, p in (("weight", weight), ("bias", bias)):
-        if p is not None and p.dtype != input.dtype and not (p.dtype == torch.float32 and input.dtype in _HALF):
-            raise RuntimeError(f"layer_norm(): mixed dtype: {arg} is {p.dtype} but input is {input.dtype}; expected "
-                               f"{input.dtype}" + (" or torch.float32" if input.dtype in _HALF else ""))
+    _check_layer_norm_dtypes("layer_norm", input, weight, bias)
     return norm_op.layer_norm(input, shape, weight, bias, float(eps), residual=residual)
 
 
@@ -263,10 +271,7 @@ def layer_norm_(input: Tensor, normalized_shape: Sequence[int], weight: Optional
     """
     shape = _check_norm_args("layer_norm_", input, normalized_shape, {"weight": weight, "bias": bias}, eps, residual)
     _check_inplace_norm("layer_norm_", input, residual, out)
-    for arg, p in (("weight", weight), ("bias", bias)):
-        if p is not None and p.dtype != input.dtype and not (p.dtype == torch.float32 and input.dtype in _HALF):
-            raise RuntimeError(f"layer_norm_(): mixed dtype: {arg} is {p.dtype} but input is {input.dtype}; expected "
-                               f"{input.dtype}" + (" or torch.float32" if input.dtype in _HALF else ""))
+    _check_layer_norm_dtypes("layer_norm_", input, weight, bias)
     return norm_op.layer_norm_(input, shape, weight, bias, float(eps), residual=residual, out=out)
 
 
@@ -287,20 +292,24 @@ def rms_norm_(input: Tensor, normalized_shape: Sequence[int], weight: Optional[T
 # Attention
 
 
-def _check_attention_inputs(name: str, query, key, value, scale, dropout_p):
-    for arg, t in (("query", query), ("key", key), ("value", value)):
+def _check_attention_inputs(name: str, query, key, value, scale, dropout_p, names=("query", "key", "value"),
+                            scale_arg="scale"):
+    """torch's checks of SDPA's tensors and scalars; ``names``/``scale_arg``: what the caller
+    calls them (flash_attn's ``q, k, v`` and ``softmax_scale``), so messages name its arguments."""
+    q_, k_, v_ = names
+    for arg, t in zip(names, (query, key, value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}(): argument '{arg}' must be Tensor, not {type(t).__name__}")
     if not (query.dtype == key.dtype == value.dtype):
-        raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got query.dtype: "
-                           f"{query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
+        raise RuntimeError(f"Expected {q_}, {k_}, and {v_} to have the same dtype, but got {q_}.dtype: "
+                           f"{query.dtype} {k_}.dtype: {key.dtype} and {v_}.dtype: {value.dtype} instead.")
     if not query.is_floating_point():
-        raise RuntimeError(f"{name}(): query, key and value must be floating point tensors, got {query.dtype}")
+        raise RuntimeError(f"{name}(): {q_}, {k_} and {v_} must be floating point tensors, got {query.dtype}")
     if not (query.device == key.device == value.device):
-        raise RuntimeError(f"Expected query, key, and value to have the same device type, but got query.device: "
-                           f"{query.device} key.device: {key.device} and value.device: {value.device} instead.")
+        raise RuntimeError(f"Expected {q_}, {k_}, and {v_} to have the same device type, but got {q_}.device: "
+                           f"{query.device} {k_}.device: {key.device} and {v_}.device: {value.device} instead.")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"{name}(): argument 'scale' must be float, not {type(scale).__name__}")
+        raise TypeError(f"{name}(): argument '{scale_arg}' must be float, not {type(scale).__name__}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"{name}(): argument 'dropout_p' must be float, not {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p <= 1.0:
@@ -414,7 +423,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     and ``lse`` when asked.
     """
     name = "flash_attention"
-    _check_attention_inputs(name, q, k, v, scale, dropout_p)
+    _check_attention_inputs(name, q, k, v, scale, dropout_p, names=("q", "k", "v"))
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise RuntimeError(f"{name}(): q, k, v must be 4-D [B, L, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
                            f"{tuple(v.shape)}")
@@ -480,20 +489,20 @@ def _check_target(name, target: Tensor, device):
         raise ValueError(f"{name}(): target is on {target.device} but input is on {device}")
 
 
-def _check_class_weight(name, weight, C, device):
+def _check_class_weight(name, weight, C, device, arg="weight", like="input"):
     if weight is None:
         return
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
-        raise TypeError(f"{name}(): weight must be a floating point Tensor, got "
+        raise TypeError(f"{name}(): {arg} must be a floating point Tensor, got "
                         f"{weight.dtype if isinstance(weight, Tensor) else type(weight).__name__}")
     if weight.dim() != 1 or weight.shape[0] != C:
-        raise RuntimeError(f"weight tensor should be defined either for all {C} classes or no classes but got "
-                           f"weight tensor of shape: {list(weight.shape)}")
+        raise RuntimeError(f"{arg} tensor should be defined either for all {C} classes or no classes but got "
+                           f"{arg} tensor of shape: {list(weight.shape)}")
     if weight.requires_grad:  # as torch: nll_loss has no derivative for its weight
-        raise RuntimeError(f"{name}(): class weights cannot require grad (the loss is not differentiable with "
-                           "respect to them, as in torch)")
+        raise RuntimeError(f"{name}(): class weights ({arg}) cannot require grad (the loss is not differentiable "
+                           "with respect to them, as in torch)")
     if weight.device != device:
-        raise ValueError(f"{name}(): weight is on {weight.device} but input is on {device}")
+        raise ValueError(f"{name}(): {arg} is on {weight.device} but {like} is on {device}")
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
@@ -597,7 +606,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
                          f"{tuple(hidden.shape[:-1])}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"{name}(): chunk_size must be a positive int or None, got {chunk_size!r}")
-    _check_class_weight(name, class_weight, V, hidden.device)
+    _check_class_weight(name, class_weight, V, hidden.device, "class_weight", "hidden")
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
             raise TypeError(f"{name}(): softcap must be a float or None, not {type(softcap).__name__}")
@@ -618,10 +627,13 @@ def perplexity(input: Tensor, target: Optional[Tensor] = None, ignore_index: int
     ``perplexity(mean_loss)``: the exponential of an already averaged token loss.
     Returns a 0-dim float32 tensor (NaN when every token is ignored).
     """
+    _check_float("perplexity", "input", input)
     if target is None:
         return input.detach().float().exp()
     if input.dim() < 1:
-        raise ValueError("perplexity(): logits must have a vocabulary dimension")
+        raise ValueError("perplexity(): input (the logits) must have a vocabulary dimension")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"perplexity(): argument 'target' must be a Tensor or None, not {type(target).__name__}")
     V = input.shape[-1]
     loss = cross_entropy(input.reshape(-1, V), target.reshape(-1), ignore_index=ignore_index, reduction="mean")
     return loss.float().exp()

@@ -132,7 +132,7 @@ def kvcache_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: 
     """
     which = backends.resolve("kvcache", q)
     wl, wr = int(window[0]), int(window[1])
-    if which == "torch":
+    if which == "torch" or k_pages.shape[1] == 0:   # a cache of no slots: nothing to read (kernels take pages >= 1)
         return reference(q, k_pages, v_pages, block_table, seqlens, kv_start, alibi, float(scale), bool(causal),
                          wl, wr, float(softcap))
     if q.stride(-1) != 1:
