@@ -264,4 +264,40 @@ inline KVCacheDims check_kvcache(const char* op, const Tensor& q, const Tensor& 
   return d;
 }
 
+// rope_fwd / rope_bwd's canonical problem (llmfast/ops/rope.py): q [B, S, Hq, D] and k None or
+// [B, S, Hk, D] of q's dtype and device, both with unit stride along D (other strides free);
+// cos, sin [B, S, W] of one dtype (q's or float32), unit stride along W; rotary_dim R even,
+// 2 <= R <= D, and W = R (one value per feature) or R / 2 (one angle per pair).
+inline void check_rope(const char* op, const Tensor& q, const std::optional<Tensor>& k, const Tensor& cos,
+                       const Tensor& sin, int64_t rotary_dim) {
+  auto unit_last = [&](const char* arg, const Tensor& t) {
+    TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", arg, " must have unit stride along its last dim, ",
+                "got strides ", t.strides());
+  };
+  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D [B, S, H, D], got ", q.dim(), "-D");
+  check_float(op, "q", q);
+  unit_last("q", q);
+  if (defined(k)) {
+    TORCH_CHECK(k->dim() == 4 && k->size(0) == q.size(0) && k->size(1) == q.size(1) && k->size(3) == q.size(3), op,
+                ": k must be [", q.size(0), ", ", q.size(1), ", Hk, ", q.size(3), "], got ", k->sizes());
+    TORCH_CHECK(k->scalar_type() == q.scalar_type(), op, ": k has dtype ", k->scalar_type(), ", expected ",
+                q.scalar_type());
+    check_device(op, "k", *k, q);
+    unit_last("k", *k);
+  }
+  const int64_t D = q.size(3);
+  TORCH_CHECK(rotary_dim >= 2 && rotary_dim % 2 == 0 && rotary_dim <= D, op, ": rotary_dim must be even and in [2, ",
+              D, "], got ", rotary_dim);
+  TORCH_CHECK(cos.dim() == 3 && cos.size(0) == q.size(0) && cos.size(1) == q.size(1) &&
+                  (cos.size(2) == rotary_dim || cos.size(2) == rotary_dim / 2),
+              op, ": cos must be [", q.size(0), ", ", q.size(1), ", ", rotary_dim, " or ", rotary_dim / 2, "], got ",
+              cos.sizes());
+  TORCH_CHECK(cos.scalar_type() == q.scalar_type() || cos.scalar_type() == at::kFloat, op, ": cos has dtype ",
+              cos.scalar_type(), ", expected q's (", q.scalar_type(), ") or float32");
+  check_device(op, "cos", cos, q);
+  check_like(op, "sin", sin, cos);
+  unit_last("cos", cos);
+  unit_last("sin", sin);
+}
+
 }  // namespace llmfast

@@ -20,11 +20,12 @@ from llmfast.ops import cross_entropy as cross_entropy_op
 from llmfast.ops import fused_linear_cross_entropy as flce_op
 from llmfast.ops import glu as glu_op
 from llmfast.ops import norm as norm_op
+from llmfast.ops import rope as rope_op
 from llmfast.ops import softmax as softmax_op
 
 __all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "layer_norm_", "rms_norm_",
            "scaled_dot_product_attention", "flash_attention", "cross_entropy", "fused_linear_cross_entropy", "perplexity",
-           "swiglu", "geglu"]
+           "swiglu", "geglu", "apply_rotary_pos_emb", "rotary_embedding"]
 
 
 def _check_float(name: str, arg: str, t: Tensor):
@@ -696,3 +697,110 @@ def geglu(gate: Tensor, up: Optional[Tensor] = None, approximate: str = "tanh") 
     if approximate not in ("tanh", "none"):
         raise ValueError(f"geglu(): approximate must be 'tanh' or 'none' (torch's gelu names), got {approximate!r}")
     return _glu_common("geglu", gate, up, glu_op.GELU_TANH if approximate == "tanh" else glu_op.GELU)
+
+
+# ----------------------------------------------------------------------------------
+# Rotary position embedding
+
+
+def _check_angles(name: str, cos, sin, like: Tensor) -> None:
+    _check_float(name, "cos", cos)
+    _check_float(name, "sin", sin)
+    if sin.dim() != cos.dim() or sin.shape[-1:] != cos.shape[-1:]:
+        raise ValueError(f"{name}(): cos and sin must have the same rank and last dim, got cos {list(cos.shape)} "
+                         f"and sin {list(sin.shape)}")
+    for arg, t in (("cos", cos), ("sin", sin)):
+        if t.device != like.device:
+            raise RuntimeError(f"{name}(): {arg} is on {t.device} but the input is on {like.device}")
+
+
+def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor] = None,
+                         unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
+    r"""Hugging Face's ``apply_rotary_pos_emb``: ``(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin)``.
+
+    Args:
+        q: ``[B, Hq, S, D]`` (``unsqueeze_dim=1``, HF's layout; any strides, such as the
+            transposed view of a ``[B, S, H, D]`` projection) or ``[B, S, Hq, D]``
+            (``unsqueeze_dim=2``).
+        k: like q with its own head count ``Hkv`` (grouped-query attention, ``Hkv = 1`` too).
+        cos, sin: ``[B or 1, S, R]``, what HF's rotary embedding module returns: one value per
+            feature, ``cat(freqs, freqs)`` (positions may differ per batch row, start anywhere).
+            ``R < D`` is partial rotary (Phi-3's, GPT-NeoX's ``rotary_pct``): the first R features
+            are rotated and the rest pass through.
+        position_ids: deprecated and unused, as in Hugging Face (cos/sin are already gathered).
+        unsqueeze_dim: where the head dim of q and k is (1 or 2), as in Hugging Face.
+
+    Same results as Hugging Face's function (NeoX pairing, feature i with i + R/2), whatever
+    cos/sin hold; the output dtype is torch's promotion of q (k) with cos and sin. One fused
+    kernel rotates q and k, math in fp32, each output rounded once; backward is the same kernel
+    (the transpose of the rotation) and saves only cos and sin. cos/sin that require grad take
+    the torch path, differentiable in them too.
+    """
+    name = "apply_rotary_pos_emb"
+    _check_float(name, "q", q)
+    _check_float(name, "k", k)
+    _check_angles(name, cos, sin, q)
+    if k.device != q.device:
+        raise RuntimeError(f"{name}(): q is on {q.device} but k is on {k.device}")
+    if isinstance(unsqueeze_dim, bool) or unsqueeze_dim not in (1, 2, -3, -2):
+        raise ValueError(f"{name}(): unsqueeze_dim must be 1 (q, k [B, H, S, D]) or 2 (q, k [B, S, H, D]), "
+                         f"got {unsqueeze_dim!r}")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"{name}(): q and k must be 4-D, got q {list(q.shape)} and k {list(k.shape)}")
+    heads_first = unsqueeze_dim in (1, -3)
+    qc, kc = (q.transpose(1, 2), k.transpose(1, 2)) if heads_first else (q, k)  # [B, S, H, D] views
+    B, S, _, D = qc.shape
+    if kc.shape[0] != B or kc.shape[1] != S or kc.shape[3] != D:
+        raise ValueError(f"{name}(): q {list(q.shape)} and k {list(k.shape)} must agree in batch, sequence and "
+                         f"head dim")
+    for t in (cos, sin):
+        if t.dim() != 3 or t.shape[0] not in (1, B) or t.shape[1] != S:
+            raise ValueError(f"{name}(): cos and sin must be [{B} or 1, {S}, rotary_dim], got cos {list(cos.shape)} "
+                             f"and sin {list(sin.shape)}")
+    R = cos.shape[-1]
+    if R % 2 or R > D or R == 0:
+        raise ValueError(f"{name}(): the last dim of cos/sin (rotary_dim) must be even and at most the head dim "
+                         f"{D}, got {R}")
+    angles = torch.promote_types(cos.dtype, sin.dtype)
+    dq, dk = torch.promote_types(q.dtype, angles), torch.promote_types(k.dtype, angles)
+    if dq == dk:
+        qo, ko = rope_op.rope(qc.to(dq), kc.to(dq), cos.to(dq), sin.to(dq), R, False)
+    else:
+        qo, _ = rope_op.rope(qc.to(dq), None, cos.to(dq), sin.to(dq), R, False)
+        ko, _ = rope_op.rope(kc.to(dk), None, cos.to(dk), sin.to(dk), R, False)
+    return (qo.transpose(1, 2), ko.transpose(1, 2)) if heads_first else (qo, ko)
+
+
+def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False) -> Tensor:
+    r"""flash-attn's ``apply_rotary_emb``: x ``[B, S, H, D]`` with its first ``rotary_dim`` features rotated.
+
+    Args:
+        x: ``[B, S, H, D]`` (any strides).
+        cos, sin: ``[S_ro, rotary_dim / 2]`` or ``[B, S_ro, rotary_dim / 2]`` (per batch row),
+            one angle per pair, ``S_ro >= S`` (the first S rows are used); x's dtype or float32.
+        interleaved: pair features ``(2i, 2i + 1)`` (GPT-J) instead of ``(i, i + rotary_dim / 2)``
+            (GPT-NeoX, the default).
+
+    Features ``rotary_dim..D`` pass through. Output in x's dtype, math in fp32; differentiable
+    in x (and in cos/sin, on the torch path, when they require grad).
+    """
+    name = "rotary_embedding"
+    _check_float(name, "x", x)
+    _check_angles(name, cos, sin, x)
+    if x.dim() != 4:
+        raise ValueError(f"{name}(): x must be [B, S, H, D], got {list(x.shape)}")
+    B, S, _, D = x.shape
+    for t in (cos, sin):
+        if t.dim() not in (2, 3) or (t.dim() == 3 and t.shape[0] not in (1, B)) or t.shape[-2] < S:
+            raise ValueError(f"{name}(): cos and sin must be [S_ro, rotary_dim / 2] or [{B}, S_ro, rotary_dim / 2] "
+                             f"with S_ro >= {S}, got cos {list(cos.shape)} and sin {list(sin.shape)}")
+    R = 2 * cos.shape[-1]
+    if R > D or R == 0:
+        raise ValueError(f"{name}(): rotary_dim {R} (2 * cos.shape[-1]) must be in [2, head dim {D}]")
+    for arg, t in (("cos", cos), ("sin", sin)):
+        if t.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{name}(): {arg} must have x's dtype ({x.dtype}) or float32, got {t.dtype}")
+    if sin.dtype != cos.dtype:
+        raise TypeError(f"{name}(): cos and sin must have the same dtype, got {cos.dtype} and {sin.dtype}")
+    c, s = (t[:S].unsqueeze(0) if t.dim() == 2 else t[:, :S] for t in (cos, sin))
+    return rope_op.rope(x, None, c, s, R, bool(interleaved))[0]

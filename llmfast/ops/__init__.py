@@ -7,6 +7,7 @@ the entry functions ``llmfast.nn.functional`` calls. Importing this package impo
 every op module; the names here are the modules (``llmfast.ops.norm``), not their
 functions.
 """
-from llmfast.ops import attention, cross_entropy, fused_linear_cross_entropy, glu, kvcache, norm, softmax  # noqa: F401
+from llmfast.ops import (  # noqa: F401
+    attention, cross_entropy, fused_linear_cross_entropy, glu, kvcache, norm, rope, softmax)
 
-__all__ = ["attention", "cross_entropy", "fused_linear_cross_entropy", "glu", "kvcache", "norm", "softmax"]
+__all__ = ["attention", "cross_entropy", "fused_linear_cross_entropy", "glu", "kvcache", "norm", "rope", "softmax"]
