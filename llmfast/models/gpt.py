@@ -73,12 +73,6 @@ def _norm(config: GPTConfig) -> nn.Module:
     return lnn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[..., :D/2], x[..., D/2:]) of x [B, L, H, D] by the angles in cos/sin [L, 1, D/2]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-
-
 class KVCache:
     """One layer's keys and values for ``GPT.generate``: k, v [B, block_size, H, D], allocated
     on first use in the dtype attention produces them in (the autocast dtype under autocast)."""
@@ -114,7 +108,8 @@ class CausalSelfAttention(nn.Module):
         # [B, L, 3C] -> q, k, v: [B, L, H, D] strided views, the layout flash_attention reads.
         q, k, v = self.c_attn(x).view(B, L, 3, self.n_head, C // self.n_head).unbind(2)
         if rope is not None:
-            q, k = _rope(q, *rope), _rope(k, *rope)
+            # NeoX pairing (i, i + D/2), angles [L, D/2] at this chunk's positions (KV cache: from start)
+            q, k = F.rotary_embedding(q, *rope), F.rotary_embedding(k, *rope)
         if cache is not None:
             y = cache.attend(q, k, v, start)
         else:
@@ -175,8 +170,8 @@ class GPT(nn.Module):
             D = config.n_embd // config.n_head
             inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
             angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # [L, D/2]
-            self.register_buffer("rope_cos", angles.cos()[:, None, :], persistent=False)   # [L, 1, D/2]
-            self.register_buffer("rope_sin", angles.sin()[:, None, :], persistent=False)
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)   # [L, D/2]
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
         self.apply(self._init_weights)
         # GPT-2's rule: residual projections start smaller, by 1/sqrt(2 * n_layer), so the
         # residual stream's variance does not grow with depth.
