@@ -1,4 +1,4 @@
-"""Hugging Face transformers integration: attention, Gemma's norm and the causal-LM loss.
+"""Hugging Face transformers integration: attention, rotary embedding, Gemma's norm and the causal-LM loss.
 
 transformers (5.x) models look up their attention function by name,
 ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...)``, and
@@ -7,7 +7,10 @@ build their masks with ``ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementatio
 model's config at it. Decoding (a few query tokens against the model's own cache, no
 gradient) runs the split-KV decode kernel on the cache's K/V, with transformers' mask
 (left padding, sliding window) translated into the kernel's rule; prefill and training
-run the attention kernel. :class:`OffsetRMSNorm` runs Gemma's ``(1 + weight)`` RMSNorm;
+run the attention kernel. :func:`route` points a modelling file's module-level
+``apply_rotary_pos_emb`` at :func:`apply_rotary_pos_emb` (llmfast's rope kernel), with a
+count of holders so that undo restores the original exactly. :class:`OffsetRMSNorm` runs
+Gemma's ``(1 + weight)`` RMSNorm;
 :func:`causal_lm_class` makes the ``<Family>ForCausalLM`` subclass whose training
 forward takes the loss through ``fused_linear_cross_entropy`` (:data:`CAUSAL_LM_HEADS`
 says how each family's head differs). Nothing here imports transformers at module
@@ -182,6 +185,72 @@ def register() -> None:
     # so the models build their masks the SDPA way. Without a mask entry, transformers
     # would build no mask at all for an unknown implementation and padding would leak.
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+# ----------------------------------------------------------------------------------
+# Rotary embedding: the modelling files' module-level apply_rotary_pos_emb
+
+# transformers' signature of apply_rotary_pos_emb (Llama's, and Phi-3's partial-rotary form)
+HF_ROPE_PARAMETERS = ("q", "k", "cos", "sin", "unsqueeze_dim")
+
+
+def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1):
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``, run by llmfast's rope kernel.
+
+    Llama's semantics, and Phi-3's: cos/sin narrower than the head rotate its first
+    ``cos.shape[-1]`` features and pass the rest through (``llmfast.nn.functional.apply_rotary_pos_emb``).
+    """
+    from llmfast.nn import functional as F
+
+    return F.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+
+# Module attributes routed to llmfast while some patch holds them:
+# (module name, attribute) -> [the original object, ids of the models holding it].
+_ROUTED: dict = {}
+
+
+def rotary_module(model: torch.nn.Module) -> tuple[Optional[str], Optional[str]]:
+    """(name of the modelling module whose ``apply_rotary_pos_emb`` ``model``'s attention calls, None),
+    or (None, why it cannot be routed)."""
+    name = type(model).__module__
+    module = sys.modules.get(name)
+    routed = _ROUTED.get((name, "apply_rotary_pos_emb"))
+    fn = routed[0] if routed else getattr(module, "apply_rotary_pos_emb", None)  # the original's signature
+    if fn is None:
+        return None, f"{name} has no module-level apply_rotary_pos_emb"
+    try:
+        params = tuple(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        params = ()
+    if params != HF_ROPE_PARAMETERS:
+        return None, f"{name}.apply_rotary_pos_emb takes {params}, not {HF_ROPE_PARAMETERS}"
+    return name, None
+
+
+def route(module_name: str, attr: str, replacement, holder: object):
+    """Point ``<module_name>.<attr>`` at ``replacement`` on behalf of model ``holder``; returns
+    the undo, or None when ``holder`` already holds it (a model is patched once).
+
+    The module attribute is global (every model of that family in the process calls it),
+    so holders are counted: the original object comes back, identical, when the last
+    model that routed it is undone, in whatever order the patches are undone.
+    """
+    key = (module_name, attr)
+    module = sys.modules[module_name]
+    if key not in _ROUTED:
+        _ROUTED[key] = [getattr(module, attr), set()]
+        setattr(module, attr, replacement)
+    holders = _ROUTED[key][1]
+    if id(holder) in holders:
+        return None
+    holders.add(id(holder))
+
+    def undo():
+        holders.discard(id(holder))
+        if not holders and key in _ROUTED and _ROUTED[key][1] is holders:
+            setattr(module, attr, _ROUTED.pop(key)[0])
+    return undo
 
 
 # ----------------------------------------------------------------------------------

@@ -26,6 +26,12 @@ Three ways to carry a module over (the ``carry`` column):
     training forward with ``labels`` takes the loss through
     ``fused_linear_cross_entropy`` instead of materialising the logits. The object
     keeps everything it has; undo sets the class back.
+``module_function``
+    Hugging Face attention calls the rotary embedding as a module-level function of its
+    modelling file (``transformers.models.<family>.modeling_<family>.apply_rotary_pos_emb``):
+    that attribute is pointed at llmfast's (:func:`llmfast.hf.route`). It is global to the
+    process, so every model of the family uses llmfast's rotary while some patch holds it;
+    undo of the last such patch restores the original function object.
 ``attn_implementation``
     Hugging Face attention is a function looked up by name at every call:
     ``"llmfast"`` is registered with transformers' ``AttentionInterface`` (and
@@ -203,6 +209,8 @@ HF_CAUSAL_LM_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "ge
 # Gated MLPs: tests/test_glu.py checks each family's patched model against the unpatched one.
 HF_MLP_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Phi3")
 HF_ATTENTION_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt2")
+# Rotary embedding: tests/test_patch.py checks each family's patched forward runs llmfast's kernel.
+HF_ROPE_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 
 RULES: tuple = (
     Rule("softmax", TorchClass("Softmax"), "Softmax", "retype"),
@@ -218,6 +226,7 @@ RULES: tuple = (
          _hf_causal_lm_class),
     Rule("glu", HFClass(rf"({'|'.join(HF_MLP_FAMILIES)})MLP"), "GatedMLP", "rebuild", _hf_gated_mlp),
     Rule("attention", HFModel(HF_ATTENTION_MODEL_TYPES), "llmfast", "attn_implementation"),
+    Rule("rope", HFModel(HF_ROPE_MODEL_TYPES), "llmfast.hf:apply_rotary_pos_emb", "module_function"),
 )
 
 OPS = tuple(dict.fromkeys(r.op for r in RULES))
@@ -321,7 +330,7 @@ def patch(model: torch.nn.Module, ops: Optional[Iterable[str]] = None) -> PatchH
     ``"log_softmax"``, ``"layer_norm"``, ``"rms_norm"``, ``"attention"``,
     ``"transformer_encoder_layer"``, ``"fused_linear_cross_entropy"`` (a Hugging Face
     causal LM's training loss; the output's ``logits`` is None when it took the loss), ``"glu"``
-    (Hugging Face gated MLPs).
+    (Hugging Face gated MLPs), ``"rope"`` (Hugging Face rotary embeddings).
 
     >>> handle = llmfast.patch(model)
     >>> print(handle.report())
@@ -349,6 +358,7 @@ def patch(model: torch.nn.Module, ops: Optional[Iterable[str]] = None) -> PatchH
     retyped: dict = {}   # id(module) -> llmfast class, so a shared module is retyped once
     rebuilt: dict = {}   # id(module) -> replacement, so a shared module maps to one replacement
     configs: dict = {}   # id(config) -> config, so a config shared by nested models is set once
+    routed: set = set()  # modelling modules seen by the rope row (a model and its inner model share one)
     for rule, path, parent, name, module in plan:
         source = _type_name(module)
         if rule.carry in ("retype", "rebuild", "subclass") and "forward" in module.__dict__:
@@ -417,6 +427,21 @@ def patch(model: torch.nn.Module, ops: Optional[Iterable[str]] = None) -> PatchH
                                                        for c, a in prev])
             handle.swapped.append(Swap(path, f"attn_implementation={previous[0][1]!r}",
                                        f"attn_implementation={rule.target!r}", rule.carry))
+        elif rule.carry == "module_function":
+            from llmfast import hf
+
+            if type(module).__module__ in routed:
+                continue
+            routed.add(type(module).__module__)
+            name, why = hf.rotary_module(module)
+            if name is None:
+                handle.skipped.append((path, why))
+                continue
+            undo = hf.route(name, "apply_rotary_pos_emb", _target_module_class(rule.target), module)
+            if undo is None:  # this model already routes it
+                continue
+            handle._undo.append(undo)
+            handle.swapped.append(Swap(path, f"{name}.apply_rotary_pos_emb", rule.target, rule.carry))
         else:  # pragma: no cover - a table typo
             raise ValueError(f"llmfast.patch: unknown carry {rule.carry!r} in {rule}")
     return handle

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import llmfast
-from llmfast.patch import HF_ATTENTION_MODEL_TYPES, RULES, _target_module_class
+from llmfast.patch import HF_ATTENTION_MODEL_TYPES, HF_ROPE_MODEL_TYPES, RULES, _target_module_class
 
 ATOL, RTOL = 2e-5, 1e-4
 
@@ -133,7 +133,7 @@ def test_context_manager_and_double_patch():
 
 def test_table_is_declarative():
     # every family of op is a row (no per-model function), and every target names an llmfast module
-    assert {r.carry for r in RULES} <= {"retype", "rebuild", "subclass", "attn_implementation"}
+    assert {r.carry for r in RULES} <= {"retype", "rebuild", "subclass", "attn_implementation", "module_function"}
     for r in RULES:
         if r.carry in ("retype", "rebuild"):
             assert _target_module_class(r.target) is not None, f"{r.target} missing for {r}"
@@ -193,6 +193,7 @@ def test_hf_model_logits_grads_and_undo(family, monkeypatch):
     kinds = {s.carry for s in handle.swapped}
     want_kinds = {"retype" if family == "gpt2" else "rebuild"} | ({"attn_implementation"} if attention else set())
     want_kinds |= set() if family == "gpt2" else {"subclass"}  # GPT-2's head is not in the loss table
+    want_kinds |= {"module_function"} if family in HF_ROPE_MODEL_TYPES else set()  # rotary (GPT-2 has none)
     assert kinds == want_kinds, report
     # every norm of the block (Qwen3's q_norm/k_norm included) is llmfast's now
     assert norms_before and all(type(model.get_submodule(n)).__module__.startswith("llmfast") for n in norms_before)
@@ -220,6 +221,37 @@ def test_hf_model_logits_grads_and_undo(family, monkeypatch):
         torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=0, rtol=0)
     out, want = model(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
     assert torch.equal(out.loss, want.loss) and torch.equal(out.logits, want.logits)
+
+
+@pytest.mark.skipif(llmfast.available("rope", "cpu")["cpu"] is not None, reason="llmfast._C not built")
+@pytest.mark.parametrize("family", HF_ROPE_MODEL_TYPES)
+def test_hf_rotary_runs_the_llmfast_kernel_and_undo_restores(family):
+    import importlib
+
+    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    original = modeling.apply_rotary_pos_emb
+    model, ref = _hf_pair(family, attn_implementation="eager")
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        want = ref(input_ids=ids, labels=ids).loss
+    first = llmfast.patch(model, ops="rope")
+    assert [s.carry for s in first.swapped] == ["module_function"], first.report()
+    assert "apply_rotary_pos_emb" in first.report()
+    assert modeling.apply_rotary_pos_emb is not original
+    second = llmfast.patch(ref, ops="rope")  # a second holder of the same module-level function
+    with llmfast.backend("cpu"), torch.profiler.profile() as prof:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    torch.testing.assert_close(out.loss.detach(), want, atol=ATOL, rtol=RTOL)
+    ran = {e.key for e in prof.key_averages()}
+    assert {"llmfast::rope_fwd", "llmfast::rope_bwd"} <= ran, sorted(k for k in ran if "llmfast" in k)
+    first.undo()
+    assert modeling.apply_rotary_pos_emb is not original  # still held by the second patch
+    second.undo()
+    assert modeling.apply_rotary_pos_emb is original
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        model(input_ids=ids)
+    assert "llmfast::rope_fwd" not in {e.key for e in prof.key_averages()}
 
 
 def _hf_pair(family, **kw):
