@@ -265,6 +265,31 @@ def tables() -> list[Table]:
         t.ok("empty/packed", lambda g: dict(gate=_x(2, 0), up=None))
         t.ok("float64/all", lambda g: {k: v.double() for k, v in g.items()})
         out.append(t)
+    # ---------------------------------------------------------------- apply_rotary_pos_emb, rotary_embedding
+    t = Table("apply_rotary_pos_emb", LF.apply_rotary_pos_emb,
+              lambda: dict(q=_x(2, 4, 5, 8), k=_x(2, 1, 5, 8), cos=_x(2, 5, 8), sin=_x(1, 5, 8)),
+              floats=("q", "k", "cos", "sin"))
+    t.bad("rank/q", "q", lambda g: _x(4, 5, 8))
+    t.bad("shape/k", "k", lambda g: _x(2, 1, 5, 6))
+    t.bad("seq/cos", "cos", lambda g: _x(2, 4, 8))
+    t.bad("batch/cos", "cos", lambda g: _x(3, 5, 8))
+    t.bad("odd/cos", "cos", lambda g: _x(2, 5, 7), names=("rotary_dim",))
+    t.bad("wide/cos", "cos", lambda g: _x(2, 5, 10), names=("rotary_dim",))
+    t.bad("value/unsqueeze_dim", "unsqueeze_dim", lambda g: 0)
+    t.ok("empty/batch", lambda g: dict(q=_x(0, 4, 5, 8), k=_x(0, 1, 5, 8), cos=_x(1, 5, 8), sin=_x(1, 5, 8)))
+    t.ok("empty/seq", lambda g: dict(q=_x(2, 4, 0, 8), k=_x(2, 1, 0, 8), cos=_x(2, 0, 8), sin=_x(2, 0, 8)))
+    t.ok("float64/all", lambda g: {k: v.double() for k, v in g.items()})
+    out.append(t)
+    t = Table("rotary_embedding", LF.rotary_embedding, lambda: dict(x=_x(2, 5, 3, 8), cos=_x(7, 3), sin=_x(7, 3)),
+              floats=("x", "cos", "sin"))
+    t.bad("rank/x", "x", lambda g: _x(5, 3, 8))
+    t.bad("short/cos", "cos", lambda g: _x(4, 3))
+    t.bad("wide/sin", "sin", lambda g: _x(7, 5), names=("cos",))
+    t.bad("dtype/cos", "cos", lambda g: _x(7, 3, dtype=torch.float16))
+    t.bad("rank/cos", "cos", lambda g: _x(1, 2, 7, 3))
+    t.ok("empty/seq", lambda g: dict(x=_x(2, 0, 3, 8)))
+    t.ok("float64/all", lambda g: {k: v.double() for k, v in g.items()})
+    out.append(t)
     # ---------------------------------------------------------------- flash_attn_varlen_func
     t = Table("flash_attn_varlen_func", FA.flash_attn_varlen_func,
               lambda: dict(q=_x(10, 2, 8), k=_x(12, 1, 8), v=_x(12, 1, 8), cu_seqlens_q=_i32([0, 4, 10]),

@@ -12,14 +12,14 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 _BUILT = llmfast.available("rope", "cpu")["cpu"] is None
 
 
-def _hf_angles(B, S, R, dtype, offsets=None, base=10000.0):
+def _hf_angles(B, S, R, dtype, offsets=None, base=10000.0, device=DEVICE):
     """HF's cos/sin [B, S, R]: cat(freqs, freqs) at positions offset + 0..S-1, per batch row."""
     inv = 1.0 / base ** (torch.arange(0, R, 2, dtype=torch.float32) / R)
     offsets = torch.randint(0, 1000, (B,)) if offsets is None else offsets
     pos = offsets[:, None] + torch.arange(S)[None, :]
     freqs = pos[..., None].float() * inv
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)
+    return emb.cos().to(device, dtype), emb.sin().to(device, dtype)
 
 
 def _flash_angles(S, R, dtype, batch=None):
@@ -28,9 +28,9 @@ def _flash_angles(S, R, dtype, batch=None):
     return theta.cos().to(DEVICE, dtype), theta.sin().to(DEVICE, dtype)
 
 
-def _heads(B, S, H, D, dtype):
+def _heads(B, S, H, D, dtype, device=DEVICE):
     """HF's q/k: the [B, H, S, D] transpose of a [B, S, H, D] projection (non-contiguous)."""
-    return torch.randn(B, S, H, D, device=DEVICE).to(dtype).transpose(1, 2)
+    return torch.randn(B, S, H, D, device=device).to(dtype).transpose(1, 2)
 
 
 # (B, Hq, Hkv, S, D, R): one of everything, GQA (Hkv = 1), odd/non-power-of-two dims, vector
@@ -106,8 +106,8 @@ def test_matches_hugging_face(backend):
 
 def test_interleaved_is_complex_multiplication():
     # GPT-J / Meta Llama's formulation: pairs (x[2i], x[2i+1]) as complex numbers times e^{i theta}
-    x = torch.randn(2, 5, 3, 16, device=DEVICE, dtype=torch.float64)
-    theta = torch.rand(5, 8, dtype=torch.float64, device=DEVICE) * 10
+    x = torch.randn(2, 5, 3, 16, dtype=torch.float64)
+    theta = torch.rand(5, 8, dtype=torch.float64) * 10
     want = torch.view_as_real(torch.view_as_complex(x.reshape(2, 5, 3, 8, 2)) * torch.polar(torch.ones_like(theta),
                                                                                               theta)[:, None])
     for be in ["torch"] + (["cpu"] if _BUILT else []):
@@ -221,14 +221,14 @@ def test_empty(backend):
 
 @pytest.mark.skipif(not _BUILT, reason="llmfast._C not built")
 def test_float64_on_cpu_backend():
-    cos, sin = _hf_angles(2, 5, 12, torch.float64)
-    check(LF.apply_rotary_pos_emb, [_heads(2, 5, 3, 16, torch.float64), _heads(2, 5, 1, 16, torch.float64), cos, sin],
-          "cpu", grad=[True, True, False, False])
+    cos, sin = _hf_angles(2, 5, 12, torch.float64, device="cpu")
+    q, k = _heads(2, 5, 3, 16, torch.float64, device="cpu"), _heads(2, 5, 1, 16, torch.float64, device="cpu")
+    check(LF.apply_rotary_pos_emb, [q, k, cos, sin], "cpu", grad=[True, True, False, False])
 
 
 def test_bad_input_raises_clear_errors():
     q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8)
-    cos, sin = _hf_angles(1, 3, 8, torch.float32)
+    cos, sin = _hf_angles(1, 3, 8, torch.float32, device="cpu")
     with pytest.raises(TypeError, match="'q' must be a floating point"):
         LF.apply_rotary_pos_emb(q.long(), k, cos, sin)
     with pytest.raises(TypeError, match="'sin' must be a Tensor"):
@@ -298,14 +298,14 @@ def test_opcheck(backend, device_type):
 
 @pytest.mark.skipif(not _BUILT, reason="llmfast._C not built")
 def test_torch_compile_fullgraph_cpu_backend():
-    cos, sin = _hf_angles(2, 5, 16, torch.float32)
+    cos, sin = _hf_angles(2, 5, 16, torch.float32, device="cpu")
 
     def f(q, k, x):
         qo, ko = LF.apply_rotary_pos_emb(q, k, cos, sin)
         return (qo * 2).sum() + ko.square().mean() + LF.rotary_embedding(x, cos[0, :, :4], sin[0, :, :4]).sum()
 
-    args = [_heads(2, 5, 4, 16, torch.float32).requires_grad_(), _heads(2, 5, 2, 16, torch.float32).requires_grad_(),
-            torch.randn(2, 5, 3, 16, requires_grad=True)]
+    args = [_heads(2, 5, 4, 16, torch.float32, device="cpu").requires_grad_(),
+            _heads(2, 5, 2, 16, torch.float32, device="cpu").requires_grad_(), torch.randn(2, 5, 3, 16, requires_grad=True)]
     with llmfast.backend("cpu"):
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
         compiled(*args).backward()

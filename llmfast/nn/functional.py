@@ -703,7 +703,7 @@ def geglu(gate: Tensor, up: Optional[Tensor] = None, approximate: str = "tanh") 
 # Rotary position embedding
 
 
-def _check_angles(name: str, cos, sin, like: Tensor) -> None:
+def _check_angles(name: str, cos, sin, like: Tensor, like_name: str) -> None:
     _check_float(name, "cos", cos)
     _check_float(name, "sin", sin)
     if sin.dim() != cos.dim() or sin.shape[-1:] != cos.shape[-1:]:
@@ -711,7 +711,7 @@ def _check_angles(name: str, cos, sin, like: Tensor) -> None:
                          f"and sin {list(sin.shape)}")
     for arg, t in (("cos", cos), ("sin", sin)):
         if t.device != like.device:
-            raise RuntimeError(f"{name}(): {arg} is on {t.device} but the input is on {like.device}")
+            raise RuntimeError(f"{name}(): {arg} is on {t.device} but {like_name} is on {like.device}")
 
 
 def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor] = None,
@@ -739,7 +739,7 @@ def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positio
     name = "apply_rotary_pos_emb"
     _check_float(name, "q", q)
     _check_float(name, "k", k)
-    _check_angles(name, cos, sin, q)
+    _check_angles(name, cos, sin, q, "q")
     if k.device != q.device:
         raise RuntimeError(f"{name}(): q is on {q.device} but k is on {k.device}")
     if isinstance(unsqueeze_dim, bool) or unsqueeze_dim not in (1, 2, -3, -2):
@@ -786,7 +786,7 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool =
     """
     name = "rotary_embedding"
     _check_float(name, "x", x)
-    _check_angles(name, cos, sin, x)
+    _check_angles(name, cos, sin, x, "x")
     if x.dim() != 4:
         raise ValueError(f"{name}(): x must be [B, S, H, D], got {list(x.shape)}")
     B, S, _, D = x.shape
