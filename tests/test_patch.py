@@ -53,7 +53,8 @@ class Zoo(torch.nn.Module):
 def _zoo_backends():
     out = []
     for name in llmfast.backends.BACKENDS:
-        whys = [llmfast.backends.why_not(op, name, "cpu") for op in ("attention", "layer_norm", "rms_norm", "softmax")]
+        ops = ("attention", "layer_norm", "rms_norm", "softmax", "rope")
+        whys = [llmfast.backends.why_not(op, name, "cpu") for op in ops]
         why = next((w for w in whys if w), None)
         out.append(pytest.param(name, id=name, marks=[pytest.mark.skip(reason=f"{name}: {why}")] if why else []))
     return out
