@@ -49,6 +49,7 @@ from torch import Tensor
 
 from llmfast.nn.functional import _check_attention_inputs
 from llmfast.ops import attention as attention_op
+from llmfast.ops import rope as rope_op
 from llmfast.ops.kvcache import kvcache_attention
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
@@ -266,19 +267,13 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, interleaved: bool)
     """x [B, L, H, D] with its first R = 2 * cos.shape[1] dims rotated by the angles at pos [B, L].
 
     FlashAttention's convention: interleaved pairs (x[2i], x[2i+1]) (GPT-J) or halves
-    (x[i], x[i + R/2]) (GPT-NeoX). Math in fp32, result in x's dtype.
+    (x[i], x[i + R/2]) (GPT-NeoX). The rope kernel (llmfast/ops/rope.py) on the gathered
+    per-row angles [B, L, R/2]; math in fp32, result in x's dtype.
     """
-    R = 2 * cos.shape[1]
-    c = cos[pos][:, :, None, :].float()   # [B, L, 1, R/2]
-    s = sin[pos][:, :, None, :].float()
-    xr = x[..., :R].float()
-    if interleaved:
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    else:
-        x1, x2 = xr[..., :R // 2], xr[..., R // 2:]
-        rot = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    return torch.cat((rot.to(x.dtype), x[..., R:]), dim=-1)
+    c, s = cos[pos], sin[pos]
+    if c.dtype not in (x.dtype, torch.float32):
+        c, s = c.float(), s.float()
+    return rope_op.rope(x, None, c, s.to(c.dtype), 2 * cos.shape[1], interleaved)[0]
 
 
 def flash_attn_with_kvcache(
