@@ -10,9 +10,9 @@ Providers: ``torch`` is Hugging Face's eager ``apply_rotary_pos_emb``
 ``llmfast.nn.functional.apply_rotary_pos_emb``. Inputs are HF's: q [B, Hq, S, D] and k
 [B, Hkv, S, D] as transposed views of [B, S, H, D] projections, cos/sin [B, S, D].
 
-Measured on main 3fcbda4 (this 2-core CPU, load average ~8 from other jobs), one run,
-``llmfast bench --op rope --rounds 5 --dtype float32 --dtype bfloat16``, median ms and the
-ratio to HF's eager function:
+Measured with the kernels as landed in b882740 (this 2-core CPU, load average ~8 from other
+jobs), one run of ``llmfast bench --op rope --rounds 5 --dtype float32 --dtype bfloat16``,
+median ms and the ratio to HF's eager function:
 
     case      dtype     torch   torch_compile        llmfast:cpu
     fwd       float32   413.1   145.0 (2.85x)     68.7 (6.01x)
