@@ -104,6 +104,19 @@ def test_matches_hugging_face(backend):
     torch.testing.assert_close(ko, want[1])
 
 
+def test_mixed_dtypes_and_position_ids_follow_hf():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
+
+    cos, sin = _hf_angles(2, 5, 8, torch.bfloat16)
+    q, k = _heads(2, 5, 2, 8, torch.bfloat16), _heads(2, 5, 1, 8, torch.float16)  # k promotes to fp32 with bf16
+    for be in [b.values[0] for b in BACKENDS if not b.marks] + ["torch"]:
+        with llmfast.backend(be):
+            got = LF.apply_rotary_pos_emb(q, k, cos, sin, torch.arange(5)[None])  # position_ids: unused, as in HF
+        for a, b in zip(got, llama_rope(q, k, cos, sin)):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
 def test_interleaved_is_complex_multiplication():
     # GPT-J / Meta Llama's formulation: pairs (x[2i], x[2i+1]) as complex numbers times e^{i theta}
     x = torch.randn(2, 5, 3, 16, dtype=torch.float64)
@@ -294,6 +307,26 @@ def test_opcheck(backend, device_type):
             torch.library.opcheck(fwd, (q, k, cos, cos, 8, interleaved))
         torch.library.opcheck(fwd, (q, None, cos, cos, 8, False))
         torch.library.opcheck(bwd, (torch.randn(2, 3, 3, 10), torch.randn(2, 3, 1, 10), cos, cos, 8, True))
+
+
+@pytest.mark.parametrize("backend,device_type", _variants())
+def test_kernels_on_every_layout(backend, device_type):
+    # direct kernel calls: both angle layouts x both pairings x both directions, fp32 and
+    # fp32 angles with bf16 x, against the torch formulas (reference / its transpose)
+    from llmfast.ops.rope import reference, rope_bwd, rope_fwd
+
+    q, k = torch.randn(2, 5, 3, 20)[..., :18], torch.randn(2, 5, 1, 18)  # R = 12 of D = 18
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = q.to(dtype), k.to(dtype)
+        for W in (12, 6):
+            cos, sin = torch.randn(1, 5, W).expand(2, 5, W), torch.randn(2, 5, W)
+            for interleaved in (False, True):
+                for op, conj in ((rope_fwd, False), (rope_bwd, True)):
+                    qo, ko = op.on(backend, device_type)(x, y, cos, sin, 12, interleaved)
+                    for got, t in ((qo, x), (ko, y)):
+                        want = reference(t, cos, sin, 12, interleaved, conj)
+                        torch.testing.assert_close(got, want, atol=1e-5 if dtype == torch.float32 else 1e-2,
+                                                   rtol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.skipif(not _BUILT, reason="llmfast._C not built")
