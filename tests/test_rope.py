@@ -302,31 +302,27 @@ def test_opcheck(backend, device_type):
     q = torch.randn(2, 4, 3, 10)[:, :3].requires_grad_()  # strided along S
     k = torch.randn(2, 3, 1, 10, requires_grad=True)
     full, half = torch.randn(1, 3, 8).expand(2, 3, 8), torch.randn(2, 3, 4)
-    for cos in (full, half):
-        for interleaved in (False, True):
-            torch.library.opcheck(fwd, (q, k, cos, cos, 8, interleaved))
-        torch.library.opcheck(fwd, (q, None, cos, cos, 8, False))
-        torch.library.opcheck(bwd, (torch.randn(2, 3, 3, 10), torch.randn(2, 3, 1, 10), cos, cos, 8, True))
+    for cos, k_, interleaved in ((full, k, False), (full, None, False), (half, k, True)):
+        torch.library.opcheck(fwd, (q, k_, cos, cos, 8, interleaved))
+    torch.library.opcheck(bwd, (torch.randn(2, 3, 3, 10), torch.randn(2, 3, 1, 10), half, half, 8, False))
 
 
 @pytest.mark.parametrize("backend,device_type", _variants())
 def test_kernels_on_every_layout(backend, device_type):
-    # direct kernel calls: both angle layouts x both pairings x both directions, fp32 and
+    # direct kernel calls: both angle layouts x both pairings x both directions in fp32, and
     # fp32 angles with bf16 x, against the torch formulas (reference / its transpose)
     from llmfast.ops.rope import reference, rope_bwd, rope_fwd
 
     q, k = torch.randn(2, 5, 3, 20)[..., :18], torch.randn(2, 5, 1, 18)  # R = 12 of D = 18
-    for dtype in (torch.float32, torch.bfloat16):
+    layouts = [(torch.float32, W, il) for W in (12, 6) for il in (False, True)] + [(torch.bfloat16, 6, False)]
+    for dtype, W, interleaved in layouts:
         x, y = q.to(dtype), k.to(dtype)
-        for W in (12, 6):
-            cos, sin = torch.randn(1, 5, W).expand(2, 5, W), torch.randn(2, 5, W)
-            for interleaved in (False, True):
-                for op, conj in ((rope_fwd, False), (rope_bwd, True)):
-                    qo, ko = op.on(backend, device_type)(x, y, cos, sin, 12, interleaved)
-                    for got, t in ((qo, x), (ko, y)):
-                        want = reference(t, cos, sin, 12, interleaved, conj)
-                        torch.testing.assert_close(got, want, atol=1e-5 if dtype == torch.float32 else 1e-2,
-                                                   rtol=1e-5 if dtype == torch.float32 else 1e-2)
+        cos, sin = torch.randn(1, 5, W).expand(2, 5, W), torch.randn(2, 5, W)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        for op, conj in ((rope_fwd, False), (rope_bwd, True)):
+            qo, ko = op.on(backend, device_type)(x, y, cos, sin, 12, interleaved)
+            for got, t in ((qo, x), (ko, y)):
+                torch.testing.assert_close(got, reference(t, cos, sin, 12, interleaved, conj), atol=tol, rtol=tol)
 
 
 @pytest.mark.skipif(not _BUILT, reason="llmfast._C not built")

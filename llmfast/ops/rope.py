@@ -91,8 +91,9 @@ def _backward(ctx, bwd, grad_q, grad_k):
         out = [reference(g, cos, sin, R, interleaved, conj=True) for g in grads]
         return out[0], (out[1] if has_k else None), None, None, None, None
     grads = [g if g.stride(-1) == 1 or g.shape[-1] <= 1 else g.contiguous() for g in grads]
-    dq, dk = bwd(grads[0], grads[1] if has_k else None, cos, sin, R, interleaved)
-    return dq, (dk if has_k else None), None, None, None, None
+    need_k = has_k and ctx.needs_input_grad[1]  # k's transpose is skipped when only q needs it
+    dq, dk = bwd(grads[0], grads[1] if need_k else None, cos, sin, R, interleaved)
+    return dq, (dk if need_k else None), None, None, None, None
 
 
 # grad_q: [B, S, Hq, D], grad_k: None or [B, S, Hk, D] (unit stride along D); cos/sin as for
