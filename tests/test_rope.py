@@ -173,6 +173,15 @@ def test_backward_saves_only_angles_and_writes_nothing_in_place(backend):
     assert torch.equal(dq, dq_keep)
     for t, was, v in zip((q, k, cos, sin), keep, versions):
         assert torch.equal(t.detach(), was) and t._version == v
+    # only q needs a gradient (k's transpose is skipped): q's is unchanged
+    grads = []
+    for be in (backend, "torch"):
+        q1 = q.detach().clone().requires_grad_()
+        with llmfast.backend(be):
+            qo, ko = LF.apply_rotary_pos_emb(q1, k.detach(), cos, sin)
+            (qo.square().sum() + ko.sum()).backward()
+        grads.append(q1.grad)
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
