@@ -106,10 +106,11 @@ def _tuple(x):
     return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
 
 
-def save_checkpoint(path: Path, model, opt, **progress) -> None:
-    """Write model, optimizer, config and RNG states, and ``progress`` (step, curve, settings, ...)."""
+def save_checkpoint(path: Path, model, opt, rng=None, **progress) -> None:
+    """Write model, optimizer, config and RNG states (this process's, unless ``rng`` is given), and
+    ``progress`` (step, curve, settings, ...)."""
     state = dict(format=FORMAT, model=model.state_dict(), optimizer=opt.state_dict(),
-                 config=model.config.to_dict(), rng=rng_state(), **progress)
+                 config=model.config.to_dict(), rng=rng_state() if rng is None else rng, **progress)
     atomic_write(path, state)
 
 
@@ -119,7 +120,10 @@ def load_checkpoint(path) -> dict:
     if p.is_dir():
         p = p / CHECKPOINT_NAME
     if not p.exists():
-        raise CLIError(f"no checkpoint at {str(p)!r}")
+        sharded = list(p.parent.glob("dcp-*/progress.pt")) if p.name == CHECKPOINT_NAME else []
+        raise CLIError(f"no checkpoint at {str(p)!r}" + (
+            f"; {str(p.parent)!r} holds sharded checkpoints: `llmfast consolidate {p.parent}` writes it"
+            if sharded else ""))
     if not zipfile.is_zipfile(p):
         # torch.save writes a zip archive; anything else is a different kind of file,
         # a truncated copy, or a legacy pickle we would have to execute to read.

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from llmfast.cli import CLIError, add_backend_argument, add_device_argument, resolve_device
+from llmfast.train import dist as dist_train
 from llmfast.train import loop
 from llmfast.train.checkpoints import CHECKPOINT_NAME, build_model, load_checkpoint, restore, set_rng_state
 from llmfast.train.data import DEFAULT_CORPUS_MB, VOCAB_SIZE, ByteData, load_corpus
 
-COMMANDS = ("train", "generate")
+COMMANDS = ("train", "generate", "consolidate")
 
 # Hyper-parameters, and what a plain `llmfast train` uses. A resumed run keeps the
 # checkpoint's value of each one that the command line does not give.
@@ -108,18 +109,48 @@ def _corpus(args, ckpt, h):
     return corpus, where, meta
 
 
+def _resume_from(args, out_dir):
+    if not args.resume:
+        return None
+    p = out_dir if args.resume == "auto" else Path(args.resume).expanduser()
+    # a run folder: the newest of its ckpt.pt and its sharded checkpoints
+    return dist_train.latest(p) if p.is_dir() else load_checkpoint(p)
+
+
 def cmd_train(args) -> int:
+    """One process's run; under torchrun (WORLD_SIZE > 1) one rank's, with --nproc the launcher's."""
+    if args.nproc is not None and args.nproc < 1:
+        raise CLIError(f"--nproc must be positive, got {args.nproc}")
+    if args.nproc and args.nproc > 1:
+        return dist_train.launch(args, args.nproc)
+    rank, world, _ = dist_train.world()
+    if world == 1:
+        return _train(args, resolve_device(args.device), rank, world)
+    if args.dist_timeout <= 0:
+        raise CLIError(f"--dist-timeout must be positive, got {args.dist_timeout}")
+    device = dist_train.init(resolve_device(args.device), args.dist_timeout)
+    try:
+        with dist_train.quiet_unless_rank0():
+            return _train(args, device, rank, world)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(args, device, rank: int, world: int) -> int:
     import llmfast
     from llmfast.bench import peak_rss_mb
 
-    device = resolve_device(args.device)
     threads_note = _set_threads(args.threads, device)
     out_dir = Path(args.out_dir).expanduser()
     ckpt_path = out_dir / CHECKPOINT_NAME
-    ckpt = load_checkpoint(ckpt_path if args.resume == "auto" else args.resume) if args.resume else None
+    ckpt = _resume_from(args, out_dir)
     model_cfg, h = _resolve_settings(args, ckpt)
+    if h["batch_size"] % world:
+        raise CLIError(f"--batch-size {h['batch_size']} must be a multiple of the number of processes ({world}): "
+                       "each rank trains on an equal share of the global batch")
     corpus, where, meta = _corpus(args, ckpt, h)
-    data = ByteData(corpus, model_cfg["block_size"], h["val_fraction"], h["seed"])
+    data = ByteData(corpus, model_cfg["block_size"], h["val_fraction"], h["seed"]).shard(rank, world)
     if args.compare:
         return _compare(args, model_cfg, h, data, where, device, threads_note)
     if ckpt and ckpt.get("corpus") != data.digest:
@@ -127,10 +158,20 @@ def cmd_train(args) -> int:
               f"(sha1 {data.digest} vs {ckpt.get('corpus')}); the curve will not continue exactly", file=sys.stderr)
     torch.manual_seed(h["seed"])
     model = build_model(model_cfg, device)
+    if ckpt and "sharded" not in ckpt and world > 1:
+        if args.parallel == "fsdp":
+            raise CLIError(f"an FSDP run resumes from a sharded checkpoint; {ckpt_path} is a single file "
+                           "(resume it on one process or with --parallel ddp)")
+        restore(ckpt, model)   # before DDP wraps it: DDP starts from rank 0's weights
+    if world > 1:
+        model = dist_train.wrap(model, args.parallel, device)
     opt = loop.make_optimizer(model, h)
     start, curve, tokens, losses = 0, [], 0, []
     if ckpt:
-        restore(ckpt, model, opt)
+        if "sharded" in ckpt:
+            dist_train.load(ckpt["sharded"], model, opt)
+        else:
+            restore(ckpt, model.module if world > 1 else model, opt)
         start, curve, tokens, losses = ckpt["step"], list(ckpt["curve"]), ckpt["tokens"], list(ckpt.get("losses", []))
         set_rng_state(ckpt["rng"])
     if start >= h["steps"]:
@@ -142,19 +183,30 @@ def cmd_train(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     print(f"llmfast train: {where}; train {len(data.train):,} / val {len(data.val):,} bytes")
-    print(f"model: GPT {model.num_params() / 1e6:.2f}M params ({model_cfg['n_layer']} layers, "
+    gpt = getattr(model, "module", model)
+    print(f"model: GPT {gpt.num_params() / 1e6:.2f}M params ({model_cfg['n_layer']} layers, "
           f"{model_cfg['n_head']} heads, {model_cfg['n_embd']} wide, context {model_cfg['block_size']}, "
           f"{model_cfg['norm']}, {model_cfg['pos_embedding']} positions); device {device}; "
           f"{threads_note}; llmfast backend {args.backend}{'; torch.compile' if args.compile else ''}"
-          f"{'; autocast ' + args.autocast if args.autocast else ''}")
+          f"{'; autocast ' + args.autocast if args.autocast else ''}"
+          + (f"; {world} processes, {args.parallel.upper()} over {torch.distributed.get_backend()}" if world > 1 else ""))
     print(f"optimizer: {h['optimizer']} lr {h['lr']:g} -> {h['min_lr']:g} (warm-up {h['warmup']}), "
           f"batch {h['batch_size']} x {model_cfg['block_size']} = {tok_per_step:,} tokens/step, "
-          f"steps {start} -> {h['steps']}" + (f" (resumed from {ckpt_path})" if ckpt else ""))
+          f"steps {start} -> {h['steps']}" + (f" (resumed from {ckpt.get('sharded', ckpt_path)})" if ckpt else ""))
+    parallel = {}
+    if world > 1:
+        parallel = dict(save=lambda step, progress: dist_train.save(out_dir, model, opt, step, progress),
+                        reduce=lambda x: dist_train.mean(x, device))
     with llmfast.backend(args.backend):
         n_train, t_train = loop.fit(model, opt, data, h, device, ckpt_path=ckpt_path,
                                     meta=dict(meta, corpus=data.digest), start=start, curve=curve, tokens=tokens,
-                                    losses=losses,
+                                    losses=losses, **parallel,
                                     autocast=args.autocast, compile=args.compile, quiet=args.quiet)
+    if world > 1:   # one file for `llmfast generate`: gathered from the last sharded checkpoint
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        if rank == 0:
+            dist_train.consolidate(out_dir)
     print("\nvalidation curve:")
     print(loop.format_curve(curve))
     peak = peak_rss_mb()
@@ -265,6 +317,13 @@ def add_parser(subparsers) -> None:
     add_backend_argument(r)
     add_device_argument(r)
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p = t.add_argument_group("data-parallel (llmfast/train/dist.py; also under torchrun -m llmfast train)")
+    p.add_argument("--nproc", type=int, help="start N local processes (torch's elastic launcher, as torchrun)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                   help="DistributedDataParallel, or FSDP2 fully_shard (parameters, gradients and optimizer "
+                        "state sharded)")
+    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="process-group timeout: a rank that stops makes the others fail after this long")
     r.add_argument("--autocast", choices=("bf16", "fp16"), help="mixed precision (default: off)")
     r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, or 1 when the machine is "
                                                "already busy)")
@@ -287,9 +346,15 @@ def add_parser(subparsers) -> None:
     add_backend_argument(g)
     add_device_argument(g)
 
+    c = subparsers.add_parser("consolidate", help="write a run's newest sharded checkpoint (dcp-*/) as OUT_DIR/ckpt.pt")
+    c.add_argument("run", help="the run's --out-dir")
+
 
 def run(args) -> int:
     try:
+        if args.cmd == "consolidate":
+            print(f"llmfast consolidate: wrote {dist_train.consolidate(Path(args.run).expanduser())}")
+            return 0
         return cmd_train(args) if args.cmd == "train" else cmd_generate(args)
     except KeyboardInterrupt:
         print(f"\nllmfast {args.cmd}: interrupted" + (" (the last checkpoint is kept)" if args.cmd == "train" else ""),

@@ -93,10 +93,20 @@ class ByteData:
                            f"{math.ceil(need / min(val_fraction, 1 - val_fraction))} bytes")
         self.train, self.val = data[: len(data) - n_val], data[len(data) - n_val:]
         self.block_size, self.seed = block_size, seed
+        self.rank, self.world = 0, 1
         self.digest = hashlib.sha1(corpus).hexdigest()[:12]
 
+    def shard(self, rank: int, world: int) -> "ByteData":
+        """Batches become this rank's rows of the global batch (data-parallel training)."""
+        self.rank, self.world = rank, world
+        return self
+
     def _windows(self, data, ix):
-        w = data.unfold(0, self.block_size + 1, 1)[ix].long()   # [B, L + 1]
+        # Every rank draws the whole global batch (cheap: indices) and keeps its own rows, so
+        # the global batch is the same for any number of ranks.
+        n = len(ix) // self.world
+        ix = ix[self.rank * n:(self.rank + 1) * n]
+        w = data.unfold(0, self.block_size + 1, 1)[ix].long()   # [B / world, L + 1]
         return w[:, :-1], w[:, 1:]
 
     def batch(self, step: int, batch_size: int):

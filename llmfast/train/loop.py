@@ -45,8 +45,8 @@ def _autocast(device, name):
 
 
 @torch.no_grad()
-def evaluate(model, data: ByteData, h: dict, device, autocast) -> float:
-    """Mean loss over the fixed validation batches."""
+def evaluate(model, data: ByteData, h: dict, device, autocast, reduce=None) -> float:
+    """Mean loss over the fixed validation batches (``reduce``: the mean over ranks, when data-parallel)."""
     was = model.training
     model.eval()
     total = 0.0
@@ -55,7 +55,8 @@ def evaluate(model, data: ByteData, h: dict, device, autocast) -> float:
             _, loss = model(x.to(device), y.to(device))
         total += loss.item()
     model.train(was)
-    return total / h["eval_batches"]
+    total /= h["eval_batches"]
+    return total if reduce is None else reduce(total)
 
 
 def train_step(model, opt, data: ByteData, step: int, h: dict, device, autocast):
@@ -87,43 +88,54 @@ def format_curve(curve) -> str:
     return "\n".join(lines)
 
 
-def _eval_point(model, data, h, device, autocast, step, tokens, train_loss) -> dict:
-    v = evaluate(model, data, h, device, autocast)
+def _eval_point(model, data, h, device, autocast, step, tokens, train_loss, reduce=None) -> dict:
+    v = evaluate(model, data, h, device, autocast, reduce)
     return dict(step=step, tokens=tokens, train_loss=train_loss, val_loss=v, val_ppl=perplexity(v))
 
 
 def fit(model, opt, data: ByteData, h: dict, device, *, ckpt_path, meta: dict, start: int = 0, curve=None,
-        tokens: int = 0, losses=None, autocast=None, compile: bool = False,
-        quiet: bool = False) -> tuple[int, float]:
+        tokens: int = 0, losses=None, autocast=None, compile: bool = False, quiet: bool = False,
+        save=None, reduce=None) -> tuple[int, float]:
     """Train from step ``start`` to ``h["steps"]``; returns (steps run, seconds they took).
 
     Every ``eval_interval`` steps (and at the last) the validation loss joins ``curve``
     (a list, extended in place; it starts with the untrained model's point) and the
     checkpoint at ``ckpt_path`` is rewritten with ``meta`` (the corpus it came from).
     ``losses`` (a list, extended in place) gets every step's training loss.
+
+    Data-parallel runs (llmfast.train.dist) pass ``save(step, progress)``, their sharded
+    checkpoint, and ``reduce(x)``, the mean of a loss over the ranks.
     """
+    from llmfast.train.dist import fault
     curve = [] if curve is None else curve
     losses = [] if losses is None else losses
     tok_per_step = h["batch_size"] * data.block_size
     run = torch.compile(model) if compile else model
 
     def checkpoint(step):
-        save_checkpoint(ckpt_path, model, opt, train=h, step=step, tokens=tokens, curve=curve, losses=losses, **meta)
+        progress = dict(train=h, tokens=tokens, curve=curve, losses=losses, **meta)
+        if save is not None:
+            save(step, progress)
+        else:
+            save_checkpoint(ckpt_path, model, opt, step=step, **progress)
 
     def tok_s(n, seconds):
         return f"{n * tok_per_step / max(seconds, 1e-9):,.0f} tok/s"
 
     with Progress(h["steps"], "train", "step", initial=start, disable=quiet) as progress:
         if not curve:
-            c = _eval_point(model, data, h, device, autocast, 0, 0, None)
+            c = _eval_point(model, data, h, device, autocast, 0, 0, None, reduce)
             curve.append(c)
             progress.write(f"step {0:>6} | val loss {c['val_loss']:.4f} | val ppl {c['val_ppl']:8.3f}")
         model.train()
         t_train, n_train, recent = 0.0, 0, []
         win_t, win_steps = time.perf_counter(), 0   # a recent window for the progress note's tok/s
         for step in range(start, h["steps"]):
+            fault(step)
             t0 = time.perf_counter()
             loss = train_step(run, opt, data, step, h, device, autocast).item()   # syncs: the timing is the step's
+            if reduce is not None:
+                loss = reduce(loss)
             t_train += time.perf_counter() - t0
             if not math.isfinite(loss):
                 raise CLIError(f"the loss became {loss} at step {step + 1}; lower --lr or set --grad-clip")
@@ -138,7 +150,7 @@ def fit(model, opt, data: ByteData, h: dict, device, *, ckpt_path, meta: dict, s
                 win_t, win_steps = now, 0
             done = step + 1
             if done % h["eval_interval"] == 0 or done == h["steps"]:
-                c = _eval_point(model, data, h, device, autocast, done, tokens, sum(recent) / len(recent))
+                c = _eval_point(model, data, h, device, autocast, done, tokens, sum(recent) / len(recent), reduce)
                 curve.append(c)
                 progress.write(f"step {done:>6} | train loss {c['train_loss']:.4f} | val loss {c['val_loss']:.4f} | "
                                f"val ppl {c['val_ppl']:8.3f} | {tok_s(n_train, t_train)}")
