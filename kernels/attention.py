@@ -9,9 +9,22 @@ per (BLOCK_M query rows, b·H + h):
     acc_i = Σ_j exp2(s_ij − m_i)·z_ij·v_j,  out_i = acc_i / l_i,  lse_i = ln-sum-exp
     z_ij = keep_ij / (1 − p) with dropout, else 1
 
-k/v tiles stream through shared memory; the [L, S] scores never exist. Causal rows
-stop at the diagonal (block skipping), and blocks wholly below it run a loop without
-any bounds or causal masking. A row with no visible key gives out = 0, lse = -inf.
+k/v tiles stream through shared memory; the [L, S] scores never exist. A row with no
+visible key gives out = 0, lse = -inf.
+
+Bands (causal, sliding window, either alignment): with ``off`` = S − L (bottom-right) or
+0 (top-left), key j is visible to query i iff −WL ≤ j − i − off ≤ WR (causal folds into
+WR ≤ 0; an unbounded side gets a bound past every key). Each program computes the key
+range its query block can see, so a window of W keys costs O(L·W), not O(L·S); only the
+tiles that straddle a band edge (or the end of the keys) evaluate the band, the tiles
+wholly inside it run without any masking. The backward kernels bound their loops the
+same way (the query rows that can see a kv block; the keys a query block can see).
+
+softcap c > 0 (Gemma 2): s = c·tanh(q·k·scale / c) in fp32, with tanh(x) =
+sign(x)·(1 − e)/(1 + e), e = exp(−2|x|) ∈ (0, 1], which cannot overflow; the backward
+multiplies dS by 1 − tanh². sinks [H] (gpt-oss): exp(sink_h) joins every row's
+denominator once, after the key loop (so lse includes it and the backward's P, recomputed
+from lse, needs nothing more); dsink_h = −Σ_i exp(sink_h − lse_i)·Δ_i.
 
 Backward (FlashAttention-2, P recomputed from the saved lse, Δ_i = Σ_d dO_id·O_id):
 
@@ -59,11 +72,42 @@ def _dropout_keep(seed, threshold, bh, rows, cols):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh in fp32 from exp(−2|x|) ∈ (0, 1]: no overflow for any |x| (Triton has no portable tanh)."""
+    e = tl.math.exp2(tl.abs(x) * -2.8853900817779268)  # exp(-2|x|) = exp2(-2·log2(e)·|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _logits(s, qk_scale, cap_scale, cap_log2, SOFTCAP: tl.constexpr):
+    """Raw dot products -> (scores in the log2 domain, t): s·scale·log2(e) without softcap; with
+    it t = tanh(s·scale/c) (the backward's 1 - t²) and c·t·log2(e) (cap_scale = scale/c,
+    cap_log2 = c·log2(e)). One return (Triton wants one type per return); t is unused without."""
+    if SOFTCAP:
+        t = _tanh(s * cap_scale)
+        s = t * cap_log2
+    else:
+        t = s
+        s = s * qk_scale
+    return s, t
+
+
+@triton.jit
+def _in_band(rows, cols, OFF, WL, WR):
+    """Key cols visible to query rows: −WL <= j − i − OFF <= WR (rows [M, 1] / cols [1, N] or transposed)."""
+    d = cols - rows - OFF
+    return (d >= -WL) & (d <= WR)
+
+
+@triton.jit
 def _scores(q, K_ptr, M_ptr, offs_m, start_n, offs_n, offs_d, stride_kn, m_base, stride_ml, stride_ms,
-            L, S, D, qk_scale,
-            CHECK: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-            PRECISION: tl.constexpr):
-    """s = q·kᵀ·scale·log2(e) (+ mask) for one [BLOCK_M, BLOCK_N] tile, -inf where hidden."""
+            L, S, D, qk_scale, cap_scale, cap_log2, OFF, WL, WR,
+            CHECK: tl.constexpr, MASK_KIND: tl.constexpr, BAND: tl.constexpr, SOFTCAP: tl.constexpr,
+            UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """s = q·kᵀ·scale·log2(e) (softcapped, + mask) for one [BLOCK_M, BLOCK_N] tile, -inf where hidden.
+
+    CHECK: the tile may hold keys past S or outside the band (else it is wholly visible)."""
     cols = start_n + offs_n
     k_ptrs = K_ptr + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
     if CHECK:
@@ -74,7 +118,7 @@ def _scores(q, K_ptr, M_ptr, offs_m, start_n, offs_n, offs_d, stride_kn, m_base,
         s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision=PRECISION)
     else:
         s = tl.dot(q, kt, input_precision=PRECISION)
-    s = s * qk_scale
+    s, _ = _logits(s, qk_scale, cap_scale, cap_log2, SOFTCAP)
     if MASK_KIND != 0:
         m_ptrs = M_ptr + m_base + offs_m[:, None].to(tl.int64) * stride_ml + cols[None, :].to(tl.int64) * stride_ms
         in_mask = (offs_m[:, None] < L) & (cols[None, :] < S)
@@ -86,21 +130,22 @@ def _scores(q, K_ptr, M_ptr, offs_m, start_n, offs_n, offs_d, stride_kn, m_base,
             s = s + mv * 1.4426950408889634
     if CHECK:
         visible = cols[None, :] < S
-        if IS_CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None])
+        if BAND:
+            visible = visible & _in_band(offs_m[:, None], cols[None, :], OFF, WL, WR)
         s = tl.where(visible, s, float("-inf"))
     return s
 
 
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, K_ptr, V_ptr, M_ptr, offs_m, offs_n, offs_d, offs_dv,
-               stride_kn, stride_vn, m_base, stride_ml, stride_ms, L, S, D, DV, qk_scale,
-               seed, threshold, keep_scale, bh, lo, hi,
-               BLOCK_N: tl.constexpr, CHECK: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+               stride_kn, stride_vn, m_base, stride_ml, stride_ms, L, S, D, DV, qk_scale, cap_scale, cap_log2,
+               OFF, WL, WR, seed, threshold, keep_scale, bh, lo, hi,
+               BLOCK_N: tl.constexpr, CHECK: tl.constexpr, MASK_KIND: tl.constexpr, BAND: tl.constexpr,
+               SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         s = _scores(q, K_ptr, M_ptr, offs_m, start_n, offs_n, offs_d, stride_kn, m_base, stride_ml, stride_ms,
-                    L, S, D, qk_scale, CHECK, MASK_KIND, IS_CAUSAL, UPCAST, PRECISION)
+                    L, S, D, qk_scale, cap_scale, cap_log2, OFF, WL, WR, CHECK, MASK_KIND, BAND, SOFTCAP, UPCAST,
+                    PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows that have seen no key yet keep m = -inf; exp2(-inf - 0) = 0 avoids NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -149,14 +194,30 @@ def _query_block(Q_ptr, K_ptr, V_ptr, stride_qb, stride_qh, stride_ql, stride_kb
 
 
 @triton.jit
-def _attn_fwd_kernel(Q_ptr, K_ptr, V_ptr, M_ptr, O_ptr, LSE_ptr,
+def _key_range(start_m, L, S, OFF, WL, WR, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lo, full_lo, full_hi, hi): the keys [lo, hi) some row of query block start_m can see
+    (lo a multiple of BLOCK_N), and the tiles [full_lo, full_hi) every row sees whole (no
+    bound, band or key-count checks); lo <= full_lo <= full_hi <= hi."""
+    first = start_m + OFF                               # the first row's diagonal key
+    last = tl.minimum(start_m + BLOCK_M, L) - 1 + OFF   # the last real row's
+    lo = (tl.maximum(first - WL, 0) // BLOCK_N) * BLOCK_N
+    hi = tl.maximum(tl.minimum(last + WR + 1, S), lo)
+    full_lo = tl.minimum(((tl.maximum(last - WL, lo) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, hi)
+    full_hi = tl.minimum((tl.maximum(first + WR + 1, 0) // BLOCK_N) * BLOCK_N, (S // BLOCK_N) * BLOCK_N)
+    return lo, full_lo, tl.maximum(full_hi, full_lo), hi
+
+
+@triton.jit
+def _attn_fwd_kernel(Q_ptr, K_ptr, V_ptr, M_ptr, O_ptr, LSE_ptr, SINK_ptr,
                      stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_ks,
                      stride_vb, stride_vh, stride_vs, stride_mb, stride_mh, stride_ml, stride_ms,
-                     H, G, L, S, D, DV, qk_scale, seed, threshold, keep_scale,
-                     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                     H, G, L, S, D, DV, qk_scale, cap_scale, cap_log2, OFF, WL, WR, seed, threshold, keep_scale,
+                     MASK_KIND: tl.constexpr, BAND: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
+                     DROPOUT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv]; out [B, H, L, Dv] and lse [B, H, L] contiguous
+    # q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv]; out [B, H, L, Dv] and lse [B, H, L] contiguous;
+    # sinks [H] fp32 (read only when SINKS)
     start_m, bh, offs_m, offs_d, q, K_base, V_base, m_base = _query_block(
         Q_ptr, K_ptr, V_ptr, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_vb, stride_vh, stride_mb,
         stride_mh, H, G, L, D, BLOCK_M, BLOCK_D)
@@ -166,21 +227,28 @@ def _attn_fwd_kernel(Q_ptr, K_ptr, V_ptr, M_ptr, O_ptr, LSE_ptr,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    # keys [0, hi) can be visible to this block; [0, n_full) need no bounds/causal checks
-    if IS_CAUSAL:
-        hi = tl.minimum(S, start_m + BLOCK_M)
-        n_full = (tl.minimum(start_m + 1, S) // BLOCK_N) * BLOCK_N
-    else:
-        hi = S
-        n_full = (S // BLOCK_N) * BLOCK_N
+    lo, full_lo, full_hi, hi = _key_range(start_m, L, S, OFF, WL, WR, BLOCK_M, BLOCK_N)
+    # the band's leading edge, its inside without checks, its trailing edge (and the keys' end)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K_base, V_base, M_ptr, offs_m, offs_n, offs_d, offs_dv,
                                stride_ks, stride_vs, m_base, stride_ml, stride_ms, L, S, D, DV, qk_scale,
-                               seed, threshold, keep_scale, bh, 0, n_full,
-                               BLOCK_N, False, MASK_KIND, IS_CAUSAL, DROPOUT, UPCAST, PRECISION)
+                               cap_scale, cap_log2, OFF, WL, WR, seed, threshold, keep_scale, bh, lo, full_lo,
+                               BLOCK_N, True, MASK_KIND, BAND, SOFTCAP, DROPOUT, UPCAST, PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K_base, V_base, M_ptr, offs_m, offs_n, offs_d, offs_dv,
                                stride_ks, stride_vs, m_base, stride_ml, stride_ms, L, S, D, DV, qk_scale,
-                               seed, threshold, keep_scale, bh, n_full, hi,
-                               BLOCK_N, True, MASK_KIND, IS_CAUSAL, DROPOUT, UPCAST, PRECISION)
+                               cap_scale, cap_log2, OFF, WL, WR, seed, threshold, keep_scale, bh, full_lo, full_hi,
+                               BLOCK_N, False, MASK_KIND, BAND, SOFTCAP, DROPOUT, UPCAST, PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K_base, V_base, M_ptr, offs_m, offs_n, offs_d, offs_dv,
+                               stride_ks, stride_vs, m_base, stride_ml, stride_ms, L, S, D, DV, qk_scale,
+                               cap_scale, cap_log2, OFF, WL, WR, seed, threshold, keep_scale, bh, full_hi, hi,
+                               BLOCK_N, True, MASK_KIND, BAND, SOFTCAP, DROPOUT, UPCAST, PRECISION)
+    if SINKS:  # the sink's exp joins the denominator once; it has no value row
+        sink = tl.load(SINK_ptr + bh % H) * 1.4426950408889634
+        m_new = tl.maximum(m_i, sink)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.math.exp2(sink - m_safe)
+        acc = acc * alpha[:, None]
+        m_i = m_new
     dead = l_i == 0.0  # no visible key: zeros and lse = -inf
     l_safe = tl.where(dead, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -219,8 +287,9 @@ def _bwd_probs(s, lse2, cols, rows, bh, seed, threshold, keep_scale, DROPOUT: tl
 def _attn_bwd_dkdv_kernel(Q_ptr, K_ptr, V_ptr, M_ptr, DO_ptr, LSE_ptr, Delta_ptr, DK_ptr, DV_ptr,
                           stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_ks,
                           stride_vb, stride_vh, stride_vs, stride_mb, stride_mh, stride_ml, stride_ms,
-                          H, HKV, G, L, S, D, DV, qk_scale, scale, seed, threshold, keep_scale,
-                          MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                          H, HKV, G, L, S, D, DV, qk_scale, scale, cap_scale, cap_log2, OFF, WL, WR,
+                          seed, threshold, keep_scale,
+                          MASK_KIND: tl.constexpr, BAND: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     # one kv block of kv head hk; dO [B, H, L, Dv], lse/Δ [B, H, L] contiguous; dk/dv like k/v, contiguous
@@ -244,18 +313,17 @@ def _attn_bwd_dkdv_kernel(Q_ptr, K_ptr, V_ptr, M_ptr, DO_ptr, LSE_ptr, Delta_ptr
         v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    # causal: query rows before start_n see none of these keys
-    if IS_CAUSAL:
-        lo = (start_n // BLOCK_M) * BLOCK_M
-    else:
-        lo = 0
+    # the query rows [lo, hi) that can see a key of this block (all of them without a band)
+    last_n = tl.minimum(start_n + BLOCK_N, S) - 1
+    lo = (tl.maximum(start_n - OFF - WR, 0) // BLOCK_M) * BLOCK_M
+    hi = tl.maximum(tl.minimum(last_n - OFF + WL + 1, L), lo)
     for g in range(0, G):
         h = hk * G + g
         bh = b * H + h
         q_base = Q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DO_ptr + bh.to(tl.int64) * L * DV
         m_base = b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-        for start_m in range(lo, L, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             m_ok = offs_m < L
             # transposed tiles: sT [BLOCK_N, BLOCK_M] = k·qᵀ
@@ -266,10 +334,10 @@ def _attn_bwd_dkdv_kernel(Q_ptr, K_ptr, V_ptr, M_ptr, DO_ptr, LSE_ptr, Delta_ptr
             if UPCAST:
                 qt = qt.to(tl.float32)
                 do = do.to(tl.float32)
-            st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale
+            st, tt = _logits(tl.dot(k, qt, input_precision=PRECISION), qk_scale, cap_scale, cap_log2, SOFTCAP)
             visible = n_ok[:, None] & m_ok[None, :]
-            if IS_CAUSAL:
-                visible = visible & (offs_n[:, None] <= offs_m[None, :])
+            if BAND:
+                visible = visible & _in_band(offs_m[None, :], offs_n[:, None], OFF, WL, WR)
             if MASK_KIND != 0:
                 m_ptrs = (M_ptr + m_base + offs_m[None, :].to(tl.int64) * stride_ml
                           + offs_n[:, None].to(tl.int64) * stride_ms)
@@ -291,6 +359,8 @@ def _attn_bwd_dkdv_kernel(Q_ptr, K_ptr, V_ptr, M_ptr, DO_ptr, LSE_ptr, Delta_ptr
                 dv = tl.dot(pdt.to(do.dtype), do, dv, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             dst = pt * (dpt * zt - delta[None, :])
+            if SOFTCAP:
+                dst = dst * (1.0 - tt * tt)  # d(c·tanh(x/c))/dx
             if UPCAST:
                 dk = tl.dot(dst, tl.trans(qt), dk, input_precision=PRECISION)
             else:
@@ -307,11 +377,15 @@ def _attn_bwd_dkdv_kernel(Q_ptr, K_ptr, V_ptr, M_ptr, DO_ptr, LSE_ptr, Delta_ptr
 def _attn_bwd_dq_kernel(Q_ptr, K_ptr, V_ptr, M_ptr, DO_ptr, LSE_ptr, Delta_ptr, DQ_ptr,
                         stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_ks,
                         stride_vb, stride_vh, stride_vs, stride_mb, stride_mh, stride_ml, stride_ms,
-                        H, G, L, S, D, DV, qk_scale, scale, seed, threshold, keep_scale,
-                        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # one query block of head h; dq [B, H, L, D] contiguous
+                        H, G, L, S, D, DV, qk_scale, scale, cap_scale, cap_log2, OFF, WL, WR,
+                        seed, threshold, keep_scale,
+                        MASK_KIND: tl.constexpr, BAND: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                        DELTA_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    # one query block of head h; dq [B, H, L, D] contiguous. DELTA_PASS: instead of dq, write
+    # Δ_i = Σ_j p_ij·z_ij·dP_ij (fp32), the value Σ_d dO·O has for the unrounded output (see
+    # attention_bwd: fp16/bf16 take this pass)
     start_m, bh, offs_m, offs_d, q, K_base, V_base, m_base = _query_block(
         Q_ptr, K_ptr, V_ptr, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_vb, stride_vh, stride_mb,
         stride_mh, H, G, L, D, BLOCK_M, BLOCK_D)
@@ -325,13 +399,13 @@ def _attn_bwd_dq_kernel(Q_ptr, K_ptr, V_ptr, M_ptr, DO_ptr, LSE_ptr, Delta_ptr, 
         do = do.to(tl.float32)
     lse = tl.load(LSE_ptr + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(Delta_ptr + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if IS_CAUSAL:
-        hi = tl.minimum(S, start_m + BLOCK_M)
+    if DELTA_PASS:
+        delta = tl.zeros([BLOCK_M], tl.float32)
     else:
-        hi = S
-    for start_n in range(0, hi, BLOCK_N):
+        delta = tl.load(Delta_ptr + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, _, _, hi = _key_range(start_m, L, S, OFF, WL, WR, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < S
         kt = tl.load(K_base + offs_n[None, :].to(tl.int64) * stride_ks + offs_d[:, None],
@@ -341,10 +415,10 @@ def _attn_bwd_dq_kernel(Q_ptr, K_ptr, V_ptr, M_ptr, DO_ptr, LSE_ptr, Delta_ptr, 
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        s, t = _logits(tl.dot(q, kt, input_precision=PRECISION), qk_scale, cap_scale, cap_log2, SOFTCAP)
         visible = m_ok[:, None] & n_ok[None, :]
-        if IS_CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        if BAND:
+            visible = visible & _in_band(offs_m[:, None], offs_n[None, :], OFF, WL, WR)
         if MASK_KIND != 0:
             m_ptrs = M_ptr + m_base + offs_m[:, None].to(tl.int64) * stride_ml + offs_n[None, :].to(tl.int64) * stride_ms
             if MASK_KIND == 1:
@@ -355,14 +429,22 @@ def _attn_bwd_dq_kernel(Q_ptr, K_ptr, V_ptr, M_ptr, DO_ptr, LSE_ptr, Delta_ptr, 
                           DROPOUT)
         p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, vt, input_precision=PRECISION)
-        ds = p * (dp * z - delta[:, None])
-        if UPCAST:
-            dq = tl.dot(ds, tl.trans(kt), dq, input_precision=PRECISION)
+        if DELTA_PASS:
+            delta += tl.sum(p * z * dp, 1)
         else:
-            dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
-    dq = dq * scale
-    tl.store(DQ_ptr + (bh.to(tl.int64) * L + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & (offs_d[None, :] < D))
+            ds = p * (dp * z - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            if UPCAST:
+                dq = tl.dot(ds, tl.trans(kt), dq, input_precision=PRECISION)
+            else:
+                dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
+    if DELTA_PASS:
+        tl.store(Delta_ptr + bh.to(tl.int64) * L + offs_m, delta, mask=m_ok)
+    else:
+        dq = dq * scale
+        tl.store(DQ_ptr + (bh.to(tl.int64) * L + offs_m[:, None]) * D + offs_d[None, :],
+                 dq.to(DQ_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D))
 
 
 # ----------------------------------------------------------------------------------
@@ -405,7 +487,7 @@ def _is16(dtype_name):
 _TUNED = {}
 # Tuned once per head dim, flags and dtype (Triton adds argument dtypes to the key), not
 # per sequence length: variable-length training would otherwise re-tune at every shape.
-_TUNE_KEY = ["G", "MASK_KIND", "IS_CAUSAL", "DROPOUT", "BLOCK_D", "BLOCK_DV"]
+_TUNE_KEY = ["G", "MASK_KIND", "BAND", "SOFTCAP", "DROPOUT", "BLOCK_D", "BLOCK_DV"]
 
 
 def _launch(kernel, kind, grid_fn, args, meta, bucket_key, tune_key, device_is_cpu):
@@ -456,70 +538,112 @@ def _common(q, k, v, mask, dropout_p, seed):
                 interp=interp, seed=int(seed) if drop else 0)
 
 
-def _plain_only(who, window_left, window_right, bottom_right, softcap, sinks):
-    """These kernels implement top-left causal attention without window, softcap or sinks;
-    the op layer (OpSpec.features) sends calls that use those elsewhere."""
-    if window_left != -1 or window_right != -1 or bottom_right or softcap != 0.0 or sinks is not None:
-        raise RuntimeError(f"llmfast::{who}_triton: window, bottom_right, softcap and sinks are not implemented "
-                           "in the Triton kernels (use the cpu or torch backend)")
+def _options(who, q, L, S, is_causal, window_left, window_right, bottom_right, softcap, sinks):
+    """The band, softcap and sinks as kernel arguments: (meta, (cap_scale, cap_log2, OFF, WL, WR)).
+
+    Key j is visible to row i iff -WL <= j - i - OFF <= WR (BAND); causal caps WR at 0 and
+    an unbounded side gets L + S + 1, past every key, which keeps the index arithmetic
+    in int32. Checks as the C++ kernels' (csrc/checks.h check_attention_options)."""
+    import torch
+
+    op = f"llmfast::{who}_triton"
+    if window_left < -1 or window_right < -1:
+        raise RuntimeError(f"{op}: window bounds must be >= -1 (-1 = unbounded), got ({window_left}, {window_right})")
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise RuntimeError(f"{op}: softcap must be finite and >= 0, got {softcap}")
+    if sinks is not None:
+        H = q.shape[1]
+        if sinks.dim() != 1 or sinks.shape[0] != H or sinks.dtype != torch.float32 or sinks.device != q.device:
+            raise RuntimeError(f"{op}: sinks must be a [{H}] float32 tensor on {q.device}, got {sinks.dtype} "
+                               f"{list(sinks.shape)} on {sinks.device}")
+    big = L + S + 1
+    band = bool(is_causal) or window_left >= 0 or window_right >= 0
+    wl = min(window_left, big) if window_left >= 0 else big
+    wr = min(window_right, big) if window_right >= 0 else big
+    if is_causal:
+        wr = min(wr, 0)
+    off = S - L if band and bottom_right else 0
+    cap = float(softcap)
+    meta = dict(BAND=band, SOFTCAP=cap > 0)
+    return meta, ((1.0 / cap if cap > 0 else 0.0), cap * LOG2E, off, wl, wr)
 
 
 def attention_fwd(q, k, v, mask, scale, is_causal, dropout_p, seed, window_left=-1, window_right=-1,
                   bottom_right=False, softcap=0.0, sinks=None):
     """q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] (last dim contiguous); mask None or a
-    [B, H, L, S] bool/float32 view. Returns (out [B, H, L, Dv] contiguous, lse [B, H, L] fp32)."""
+    [B, H, L, S] bool/float32 view; the band, softcap and sinks ([H] fp32) of llmfast/ops/attention.py.
+    Returns (out [B, H, L, Dv] contiguous, lse [B, H, L] fp32, including the sink)."""
     import torch
 
-    _plain_only("attention_fwd", window_left, window_right, bottom_right, softcap, sinks)
     c = _common(q, k, v, mask, dropout_p, seed)
     B, H, L, D, S, DV = c["B"], c["H"], c["L"], c["D"], c["S"], c["DV"]
+    opt_meta, (cap_inv, cap_log2, off, wl, wr) = _options("attention_fwd", q, L, S, is_causal, window_left,
+                                                          window_right, bottom_right, softcap, sinks)
     out = torch.empty((B, H, L, DV), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if B * H * L == 0:
         return out, lse
-    args = (q, k, v, c["m_arg"], out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *c["mstr"],
-            H, H // c["Hkv"], L, S, D, DV, float(scale) * LOG2E, c["seed"], c["threshold"], c["keep_scale"])
-    meta = dict(MASK_KIND=c["kind"], IS_CAUSAL=bool(is_causal), DROPOUT=c["drop"], BLOCK_D=_block_d(D),
+    args = (q, k, v, c["m_arg"], out, lse, q if sinks is None else sinks, *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *c["mstr"], H, H // c["Hkv"], L, S, D, DV, float(scale) * LOG2E,
+            float(scale) * cap_inv, cap_log2, off, wl, wr, c["seed"], c["threshold"], c["keep_scale"])
+    meta = dict(MASK_KIND=c["kind"], **opt_meta, SINKS=sinks is not None, DROPOUT=c["drop"], BLOCK_D=_block_d(D),
                 BLOCK_DV=_block_d(DV), UPCAST=c["upcast"], PRECISION=c["precision"], _L=L, _S=S)
     _launch(_attn_fwd_kernel, "fwd", lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H), args, meta, c["bucket"],
-            _TUNE_KEY, c["interp"])
+            _TUNE_KEY + ["SINKS"], c["interp"])
     return out, lse
 
 
 def attention_bwd(grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p, seed, window_left=-1,
                   window_right=-1, bottom_right=False, softcap=0.0, sinks=None):
     """Returns (dq, dk, dv, dsinks): dq, dk, dv contiguous, shaped like q, k, v (dk/dv summed
-    over each GQA group); dsinks is an empty fp32 [0] (no sinks here)."""
+    over each GQA group); dsinks [H] fp32 (an empty [0] without sinks)."""
     import torch
 
-    _plain_only("attention_bwd", window_left, window_right, bottom_right, softcap, sinks)
-    no_sinks = torch.empty((0,), dtype=torch.float32, device=q.device)
     c = _common(q, k, v, mask, dropout_p, seed)
     B, H, L, D, Hkv, S, DV = c["B"], c["H"], c["L"], c["D"], c["Hkv"], c["S"], c["DV"]
+    opt_meta, (cap_inv, cap_log2, off, wl, wr) = _options("attention_bwd", q, L, S, is_causal, window_left,
+                                                          window_right, bottom_right, softcap, sinks)
+    dsinks = torch.zeros((0,) if sinks is None else (H,), dtype=torch.float32, device=q.device)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if L == 0 or S == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), no_sinks
+        return dq.zero_(), dk.zero_(), dv.zero_(), dsinks
     grad_out = grad_out.contiguous()
     out = out.contiguous()
     lse = lse.contiguous()
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    rows = B * H * L
-    _attn_bwd_preprocess[(triton.cdiv(rows, 64),)](out, grad_out, delta, rows, DV, BLOCK_M=64,
-                                                   BLOCK_DV=_block_d(DV))
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *c["mstr"])
-    tail = (float(scale) * LOG2E, float(scale), c["seed"], c["threshold"], c["keep_scale"])
-    meta = dict(MASK_KIND=c["kind"], IS_CAUSAL=bool(is_causal), DROPOUT=c["drop"], BLOCK_D=_block_d(D),
+    tail = (float(scale) * LOG2E, float(scale), float(scale) * cap_inv, cap_log2, off, wl, wr, c["seed"],
+            c["threshold"], c["keep_scale"])
+    meta = dict(MASK_KIND=c["kind"], **opt_meta, DROPOUT=c["drop"], BLOCK_D=_block_d(D),
                 BLOCK_DV=_block_d(DV), UPCAST=c["upcast"], PRECISION=c["precision"])
     tune_key = _TUNE_KEY
+    dq_args = (q, k, v, c["m_arg"], grad_out, lse, delta, dq, *common, H, H // Hkv, L, S, D, DV, *tail)
+    dq_grid = lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H)  # noqa: E731
+    if q.dtype == torch.float32:
+        rows = B * H * L
+        _attn_bwd_preprocess[(triton.cdiv(rows, 64),)](out, grad_out, delta, rows, DV, BLOCK_M=64,
+                                                       BLOCK_DV=_block_d(DV))
+    else:
+        # Δ = Σ_d dO·O from the stored fp16/bf16 O carries O's rounding (8 or 11 bits), which
+        # with peaked softmaxes dwarfs the true dS = p∘(dP − Δ): dQ/dK came out up to 2x less
+        # accurate than torch's fp32-internal math. Σ_j p·z·dP from the backward's own p and dP
+        # (as the C++ kernel's delta_from_probs) costs two more dots per tile, 16-bit only.
+        _launch(_attn_bwd_dq_kernel, "bwd", dq_grid, dq_args, dict(meta, DELTA_PASS=True, _L=L, _S=S), c["bucket"],
+                tune_key + ["DELTA_PASS"], c["interp"])
     _launch(_attn_bwd_dkdv_kernel, "bwd", lambda m: (triton.cdiv(S, m["BLOCK_N"]), B * Hkv),
             (q, k, v, c["m_arg"], grad_out, lse, delta, dk, dv, *common, H, Hkv, H // Hkv, L, S, D, DV, *tail),
             dict(meta, _L=L, _S=S), c["bucket"], tune_key, c["interp"])
-    _launch(_attn_bwd_dq_kernel, "bwd", lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H),
-            (q, k, v, c["m_arg"], grad_out, lse, delta, dq, *common, H, H // Hkv, L, S, D, DV, *tail),
-            dict(meta, _L=L, _S=S), c["bucket"], tune_key, c["interp"])
-    return dq, dk, dv, no_sinks
+    _launch(_attn_bwd_dq_kernel, "bwd", dq_grid, dq_args, dict(meta, DELTA_PASS=False, _L=L, _S=S), c["bucket"],
+            tune_key + ["DELTA_PASS"], c["interp"])
+    if sinks is not None:
+        # d lse_i / d sink_h = p_sink_i = exp(sink_h - lse_i) and d out_i / d sink_h = -p_sink_i·out_i, so
+        # dsink_h = -Σ_{b,i} p_sink·Δ_i: a [B, H, L] reduction, deterministic in torch, negligible next to the
+        # kernels (lse includes the sink, so it is finite unless the sink is -inf)
+        p_sink = torch.exp(sinks.view(1, H, 1) - lse).masked_fill(torch.isneginf(lse), 0.0)
+        dsinks = -(p_sink * delta).sum((0, 2))
+    return dq, dk, dv, dsinks
 
 
 # ----------------------------------------------------------------------------------
@@ -530,40 +654,43 @@ def _sig(names, dt, mdt, ints_i64=()):
     sig = {}
     for n in names:
         if n.endswith("_ptr"):
-            sig[n] = f"*{mdt}" if n == "M_ptr" else ("*fp32" if n in ("LSE_ptr", "Delta_ptr") else f"*{dt}")
+            sig[n] = f"*{mdt}" if n == "M_ptr" else ("*fp32" if n in ("LSE_ptr", "Delta_ptr", "SINK_ptr") else f"*{dt}")
         elif n.startswith("stride_") or n in ints_i64:
             sig[n] = "i64"
-        elif n in ("qk_scale", "scale", "keep_scale"):
+        elif n in ("qk_scale", "scale", "keep_scale", "cap_scale", "cap_log2"):
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
     return sig
 
 
-_PTRS_FWD = ["Q_ptr", "K_ptr", "V_ptr", "M_ptr", "O_ptr", "LSE_ptr"]
+_PTRS_FWD = ["Q_ptr", "K_ptr", "V_ptr", "M_ptr", "O_ptr", "LSE_ptr", "SINK_ptr"]
 _PTRS_DKDV = ["Q_ptr", "K_ptr", "V_ptr", "M_ptr", "DO_ptr", "LSE_ptr", "Delta_ptr", "DK_ptr", "DV_ptr"]
 _PTRS_DQ = ["Q_ptr", "K_ptr", "V_ptr", "M_ptr", "DO_ptr", "LSE_ptr", "Delta_ptr", "DQ_ptr"]
 _STRIDES = ["stride_qb", "stride_qh", "stride_ql", "stride_kb", "stride_kh", "stride_ks", "stride_vb", "stride_vh",
             "stride_vs", "stride_mb", "stride_mh", "stride_ml", "stride_ms"]
 
 
+_OPT_ARGS = ["cap_scale", "cap_log2", "OFF", "WL", "WR", "seed", "threshold", "keep_scale"]
+
+
 def _kernel_sig(kern, dt, mdt):
     if kern is _attn_fwd_kernel:
-        names = _PTRS_FWD + _STRIDES + ["H", "G", "L", "S", "D", "DV", "qk_scale", "seed", "threshold", "keep_scale"]
+        names = _PTRS_FWD + _STRIDES + ["H", "G", "L", "S", "D", "DV", "qk_scale"] + _OPT_ARGS
     elif kern is _attn_bwd_dkdv_kernel:
-        names = _PTRS_DKDV + _STRIDES + ["H", "HKV", "G", "L", "S", "D", "DV", "qk_scale", "scale", "seed",
-                                         "threshold", "keep_scale"]
+        names = _PTRS_DKDV + _STRIDES + ["H", "HKV", "G", "L", "S", "D", "DV", "qk_scale", "scale"] + _OPT_ARGS
     else:
-        names = _PTRS_DQ + _STRIDES + ["H", "G", "L", "S", "D", "DV", "qk_scale", "scale", "seed", "threshold",
-                                       "keep_scale"]
+        names = _PTRS_DQ + _STRIDES + ["H", "G", "L", "S", "D", "DV", "qk_scale", "scale"] + _OPT_ARGS
     return _sig(names, dt, mdt, ints_i64=("seed", "threshold"))
 
 
 def _compile_configs():
     """(kernel, signature, constexprs, options) for the compile test: every tile config of
     every (head-dim bucket, dtype) at the bucket's largest head dim (the most shared memory
-    and registers), plus the mask / causal / dropout variants on the first config of each
-    kernel for fp16 and fp32 (they add a few ops, not tiles)."""
+    and registers), plus the mask / band / dropout variants on the first config of each
+    kernel for fp16 and fp32 (they add a few ops, not tiles); band + softcap + sinks (the
+    tanh and its derivative add registers) on the first config of bucket 64 and of the
+    16-bit bucket 256 (the most registers); the 16-bit Δ pass on each bucket's first config."""
     out = []
     kernels = {"fwd": (_attn_fwd_kernel,), "bwd": (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel)}
     for dt in ("fp32", "fp16", "bf16"):
@@ -572,13 +699,24 @@ def _compile_configs():
             key = (bucket, _is16(dt))
             for kind, table in (("fwd", _FWD_CONFIGS), ("bwd", _BWD_CONFIGS)):
                 for ci, (bm, bn, nw, ns) in enumerate(table[key]):
-                    flags = [(0, False, False)]
+                    # (MASK_KIND, BAND, SOFTCAP and SINKS, DROPOUT)
+                    flags = [(0, False, False, False)]
                     if ci == 0 and bucket == 64 and dt != "bf16":
-                        flags += [(1, True, True), (2, True, False)]
-                    for mask_kind, causal, drop in flags:
+                        flags += [(1, True, False, True), (2, True, False, False)]
+                    if ci == 0 and (bucket == 64 or (bucket == 256 and dt != "fp32")):
+                        flags += [(0, True, True, False)]
+                    for mask_kind, band, capped, drop in flags:
                         for kern in kernels[kind]:
-                            const = dict(MASK_KIND=mask_kind, IS_CAUSAL=causal, DROPOUT=drop, BLOCK_M=bm, BLOCK_N=bn,
-                                         BLOCK_D=bucket, BLOCK_DV=bucket, UPCAST=False, PRECISION=precision)
+                            const = dict(MASK_KIND=mask_kind, BAND=band, SOFTCAP=capped, DROPOUT=drop, BLOCK_M=bm,
+                                         BLOCK_N=bn, BLOCK_D=bucket, BLOCK_DV=bucket, UPCAST=False,
+                                         PRECISION=precision)
+                            if kern is _attn_fwd_kernel:
+                                const["SINKS"] = capped
+                            if kern is _attn_bwd_dq_kernel:
+                                const["DELTA_PASS"] = False
+                                if ci == 0 and dt != "fp32" and not (mask_kind or band):  # 16-bit inputs' Δ pass
+                                    out.append((kern, _kernel_sig(kern, dt, "i1" if mask_kind == 1 else "fp32"),
+                                                dict(const, DELTA_PASS=True), dict(num_warps=nw, num_stages=ns)))
                             sig = _kernel_sig(kern, dt, "i1" if mask_kind == 1 else "fp32")
                             out.append((kern, sig, const, dict(num_warps=nw, num_stages=ns)))
     for dt in ("fp32", "fp16", "bf16"):

@@ -107,6 +107,22 @@ def test_cpu_kernel_many_blocks(backend, dtype, L, S, causal, window):
     check(_fa(causal=causal, window_size=window, softcap=8.0), [q, k, v, sinks], backend)
 
 
+TRITON = [p for p in BACKENDS if p.values[0] == "triton"]
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("L,S,causal,window", [(150, 90, True, (40, -1)), (90, 150, False, (20, 70)),
+                                               (140, 140, False, (-1, -1))], ids=["causal+left", "band", "plain"])
+def test_triton_many_blocks(backend, dtype, L, S, causal, window):
+    # more than one 64-row / 64-key tile each way: loops that start and end inside the band,
+    # tiles wholly inside it (no checks), kv blocks no query sees (zero dk/dv), Sq > Sk
+    # bottom-right, GQA, softcap and sinks together
+    q, k, v = _bshd(1, L, S, 4, 2, 16, dtype=dtype, scale=1.5)
+    sinks = torch.randn(4, device=DEVICE)
+    check(_fa(causal=causal, window_size=window, softcap=6.0), [q, k, v, sinks], backend)
+
+
 @pytest.mark.parametrize("backend", CPU)
 def test_window_larger_than_sequence_and_window_as_causal(backend):
     q, k, v = _bshd(1, 23, 23, 2, 2, 16)
@@ -159,16 +175,16 @@ def test_return_attn_probs_layouts():
 
 def test_features_route_unsupported_options():
     spec = backends.OPS["attention"]
-    assert spec.supports("torch", frozenset({"window", "sinks"}))
-    for name in ("triton", "cuda"):
-        assert not spec.supports(name, frozenset({"window"}))
-    with llmfast.backend("triton"):
-        # a window on the triton backend resolves to a backend that implements it
+    every = attention_op.FEATURES
+    assert spec.supports("torch", every) and spec.supports("cpu", every) and spec.supports("triton", every)
+    assert not spec.supports("cuda", frozenset({"window"}))
+    with llmfast.backend("cuda"):
+        # a window on the cuda backend resolves to a backend that implements it
         got = backends.resolve("attention", torch.empty(1), frozenset({"window"}))
     assert got == "torch"
     # the plain call still goes to the kernels
-    with llmfast.backend("triton"):
-        assert backends.resolve("attention", torch.empty(1)) in ("triton", "torch")
+    with llmfast.backend("cuda"):
+        assert backends.resolve("attention", torch.empty(1)) in ("cuda", "torch")
 
 
 def test_canonical_band_drops_what_changes_nothing():
@@ -186,8 +202,13 @@ def test_native_kernels_refuse_unimplemented_options():
         torch.ops.llmfast.attention_fwd(q, q, q, None, 0.3, False, 0.0, 0, -2, -1, False, 0.0, None)
     with pytest.raises(RuntimeError, match="sinks must be a \\[2\\]"):
         torch.ops.llmfast.attention_fwd(q, q, q, None, 0.3, False, 0.0, 0, -1, -1, False, 0.0, torch.zeros(3))
-    with pytest.raises(RuntimeError, match="not implemented"):
-        torch.ops.llmfast.attention_fwd_triton(q, q, q, None, 0.3, False, 0.0, 0, 4, -1, False, 0.0, None)
+    triton_fwd = torch.ops.llmfast.attention_fwd_triton
+    with pytest.raises(RuntimeError, match="window bounds must be >= -1"):
+        triton_fwd(q, q, q, None, 0.3, False, 0.0, 0, -1, -3, False, 0.0, None)
+    with pytest.raises(RuntimeError, match="softcap must be finite"):
+        triton_fwd(q, q, q, None, 0.3, False, 0.0, 0, -1, -1, False, float("inf"), None)
+    with pytest.raises(RuntimeError, match="sinks must be a \\[2\\] float32"):
+        triton_fwd(q, q, q, None, 0.3, False, 0.0, 0, -1, -1, False, 0.0, torch.zeros(2, dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------------------

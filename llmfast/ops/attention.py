@@ -111,12 +111,13 @@ _REF_NOTE = "window, bottom_right causal, softcap and sinks run on torch"
 
 backends.register_op(OpSpec(
     "attention", kernel=attention_fwd, cpu_dtypes=None,
-    features={"triton": frozenset(), "cuda": frozenset(), "cpu": FEATURES},
+    features={"triton": FEATURES, "cuda": frozenset(), "cpu": FEATURES},
     notes={
         "cpu": "fp16/bf16 computed in fp32; dropout fused (Philox, same mask as triton); sliding window and "
                "bottom-right causal (blocks outside the band skipped), softcap and sinks fused; "
                "float64 and masks that need a gradient run on torch",
-        "triton": f"dropout fused (Philox); bf16 dots upcast to fp32 under TRITON_INTERPRET; {_REF_NOTE}",
+        "triton": "dropout fused (Philox); sliding window and bottom-right causal (loops bounded to the band), "
+                  "softcap and sinks fused; bf16 dots upcast to fp32 under TRITON_INTERPRET",
         "cuda": _REF_NOTE,
         "torch": "reference: materialises the L x S scores; llmfast.flash_attn's ALiBi is a dense additive mask "
                  "and flash_attn_varlen_func runs one call per segment (a host sync), on every backend",
