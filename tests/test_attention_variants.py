@@ -123,6 +123,27 @@ def test_triton_many_blocks(backend, dtype, L, S, causal, window):
     check(_fa(causal=causal, window_size=window, softcap=6.0), [q, k, v, sinks], backend)
 
 
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_window_skips_tiles_outside_the_band(backend):
+    # Work proportional to the window: keys 0..63 are NaN, and query rows >= 128 of a causal
+    # window of 10 see no key below 118, so with key tiles of at most 64 (the interpreter's)
+    # their loops must never touch tile [0, 64): a masked full loop would give 0 * NaN = NaN.
+    q, k, v = (t.detach() for t in _bshd(1, 320, 320, 1, 1, 16))
+    kp, vp = k.clone(), v.clone()
+    kp[:, :64], vp[:, :64] = float("nan"), float("nan")
+    fn = _fa(causal=True, window_size=(10, -1))
+    with llmfast.backend(backend):
+        got = [t.requires_grad_() for t in (q.clone(), kp, vp)]
+        out = fn(*got)
+        out.backward(torch.ones_like(out))
+    want = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = fn(*want)
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(out[:, 128:], ref[:, 128:], atol=1e-5, rtol=1e-5)
+    for g, w in zip(got, want):  # dq of those rows; dk/dv of the keys only they see
+        torch.testing.assert_close(g.grad[:, 128:], w.grad[:, 128:], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", CPU)
 def test_window_larger_than_sequence_and_window_as_causal(backend):
     q, k, v = _bshd(1, 23, 23, 2, 2, 16)
