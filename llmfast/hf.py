@@ -41,6 +41,17 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     (True = attend) / additive float mask broadcastable to [B, H, Lq, Lk], as transformers'
     ``sdpa_mask`` builds it. Returns ([B, Lq, H, D] contiguous, None): the layout the
     models reshape into their output projection.
+
+    Padded query rows: a query that sees no key (a left-padded position: the mask hides every
+    key from it) gets zeros, FlashAttention's rule and torch SDPA's. transformers' eager
+    attention gives such a row the uniform average of all the values instead (its softmax over
+    scores that the mask's dtype-minimum swallowed; with gpt-oss's sinks the sink takes all the
+    weight and eager gives zeros too). Only padded positions differ: no real query ever sees a
+    padded key, so every real position's output and every gradient that flows from real
+    positions agree with eager. The one place a padded row reaches a loss is transformers'
+    label shift (the last padded position predicts the first real token when that label is not
+    -100); its prediction is garbage under either rule, and matching eager there would need the
+    full score row of every padded query with its softmax gradient, for nothing a model learns.
     """
     from llmfast.nn import functional as F
     from llmfast.ops import attention as attention_op

@@ -208,7 +208,9 @@ HF_OFFSET_RMS_NORM_FAMILIES = ("Gemma", "Gemma2")
 HF_CAUSAL_LM_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 # Gated MLPs: tests/test_glu.py checks each family's patched model against the unpatched one.
 HF_MLP_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Phi3")
-HF_ATTENTION_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt2")
+# Attention: tests/test_patch.py (whole model) and tests/test_hf_attention_variants.py (windows, soft-cap,
+# sinks) check each family against its unpatched model, left padding included.
+HF_ATTENTION_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2")
 # Rotary embedding: tests/test_patch.py checks each family's patched forward runs llmfast's kernel.
 HF_ROPE_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 
