@@ -210,7 +210,8 @@ HF_CAUSAL_LM_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "ge
 HF_MLP_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Phi3")
 # Attention: tests/test_patch.py (whole model) and tests/test_hf_attention_variants.py (windows, soft-cap,
 # sinks) check each family against its unpatched model, left padding included.
-HF_ATTENTION_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2")
+HF_ATTENTION_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                            "gpt_oss", "gpt2")
 # Rotary embedding: tests/test_patch.py checks each family's patched forward runs llmfast's kernel.
 HF_ROPE_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 

@@ -1,7 +1,10 @@
-"""transformers' attention options through ``attn_implementation="llmfast"`` (issue 12):
+"""transformers' attention options through ``llmfast.patch(model, ops="attention")`` (issues 11, 12):
 Mistral's ``sliding_window``, Gemma 2's ``softcap`` (attn_logit_softcapping) with local
-layers, gpt-oss's ``s_aux`` sinks. Tiny random configs: logits and every parameter
-gradient match the eager implementation."""
+layers, gpt-oss's ``s_aux`` sinks, Gemma 3's local/global layers (each with its own rope,
+q/k norms). Tiny random configs, with and without a left-padded row: the logits of every
+real position and every parameter gradient (from real positions) match the eager
+implementation; padded positions see no key and differ by design (``llmfast.hf.attention_forward``
+says why). The patch reports the swap and undo restores eager."""
 import copy
 
 import pytest
@@ -9,7 +12,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import llmfast  # noqa: E402
 from llmfast import hf  # noqa: E402
+from llmfast.patch import HF_ATTENTION_MODEL_TYPES  # noqa: E402
 
 _COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.0)
@@ -22,12 +27,18 @@ CONFIGS = {
     "gpt_oss": lambda T: getattr(T, "GptOssConfig")(**_COMMON, head_dim=8, num_local_experts=4,
                                                     num_experts_per_tok=2, sliding_window=4,
                                                     layer_types=["sliding_attention", "full_attention"]),
+    # a local layer (window 5, rope theta 10^4) then a global one (theta 10^6); scaling from
+    # query_pre_attn_scalar 32, not head_dim 8
+    "gemma3_text": lambda T: getattr(T, "Gemma3TextConfig")(**_COMMON, head_dim=8, sliding_window=5,
+                                                            query_pre_attn_scalar=32,
+                                                            layer_types=["sliding_attention", "full_attention"]),
 }
 
 
 def _model(family):
-    if family == "gpt_oss" and not hasattr(transformers, "GptOssConfig"):
-        pytest.skip("this transformers has no gpt-oss")
+    name = {"gpt_oss": "GptOssConfig", "gemma3_text": "Gemma3TextConfig"}.get(family)
+    if name and not hasattr(transformers, name):
+        pytest.skip(f"this transformers has no {name}")
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(CONFIGS[family](transformers),
                                                           attn_implementation="eager").train()
@@ -44,10 +55,12 @@ def test_hf_attention_options_match_eager(family, padded, monkeypatch):
     calls = []
     real = hf.attention_forward
     monkeypatch.setattr(hf, "attention_forward", lambda *a, **k: calls.append(sorted(k)) or real(*a, **k))
-    hf.register()
     ref = _model(family)
     model = copy.deepcopy(ref)
-    model.config._attn_implementation = "llmfast"
+    assert family in HF_ATTENTION_MODEL_TYPES
+    handle = llmfast.patch(model, ops="attention")
+    assert model.config._attn_implementation == "llmfast"
+    assert "attn_implementation='eager' -> attn_implementation='llmfast'" in handle.report(), handle.report()
     ids = torch.randint(0, 64, (2, 12))
     mask = torch.ones(2, 12, dtype=torch.long)
     if padded:
@@ -67,3 +80,5 @@ def test_hf_attention_options_match_eager(family, padded, monkeypatch):
         assert any(n.endswith("sinks") for n in grads)  # the sinks are trained through the kernel
     for n in grads:
         torch.testing.assert_close(grads[n], ref_grads[n], atol=5e-5, rtol=1e-3, msg=n)
+    handle.undo()
+    assert model.config._attn_implementation == "eager"
