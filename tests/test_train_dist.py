@@ -74,6 +74,9 @@ def test_ddp_rank_failure_then_resume_on_one_process(corpus, tmp_path, one_proce
     # (rmsnorm here, layernorm in the FSDP test: both norms' kernels run on wrapped parameters)
     assert main(_argv(corpus, tmp_path / "one_rms", "--norm", "rmsnorm")) == 0
     _same_curve(load_checkpoint(out), load_checkpoint(tmp_path / "one_rms"), 6)
+    # ckpt.pt (step 6, that resumption's) is newer than dcp-00000003: consolidating must not replace it
+    assert main(["consolidate", str(out)]) == 2
+    assert "is newer than the newest sharded checkpoint" in capsys.readouterr().err
 
 
 def test_fsdp_under_plain_torchrun_matches_one_process(corpus, tmp_path, one_process, capsys):
@@ -88,6 +91,12 @@ def test_fsdp_under_plain_torchrun_matches_one_process(corpus, tmp_path, one_pro
     for k, w in one_process["model"].items():
         assert (got["model"][k] - w).abs().max() <= 1e-5, k
     assert main(["generate", str(out), "-n", "8", "--seed", "0"]) == 0
+    (out / "ckpt.pt").unlink()
+    assert main(["generate", str(out)]) == 2
+    assert "llmfast consolidate" in capsys.readouterr().err   # the message says how to get the file
+    assert main(["consolidate", str(out)]) == 0
+    again = load_checkpoint(out)
+    assert again["losses"] == got["losses"] and all(again["model"][k].equal(got["model"][k]) for k in got["model"])
 
 
 @pytest.mark.slow

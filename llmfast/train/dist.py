@@ -213,9 +213,14 @@ def consolidate(out_dir) -> Path:
     if not shards:
         raise CLIError(f"no sharded checkpoint in {str(out_dir)!r}")
     progress = load_checkpoint(shards[-1] / PROGRESS_NAME)
+    target = out_dir / CHECKPOINT_NAME
+    if target.exists() and load_checkpoint(target)["step"] > progress["step"]:
+        # a later single-process run (a resumption) wrote it: never replace newer weights with older ones
+        raise CLIError(f"{str(target)!r} (step {load_checkpoint(target)['step']}) is newer than the newest sharded "
+                       f"checkpoint {str(shards[-1])!r} (step {progress['step']}); nothing to consolidate")
     model = build_model(progress["config"], "cpu")
     opt = loop.make_optimizer(model, progress["train"])
     load(shards[-1], model, opt)
     keep = {k: v for k, v in progress.items() if k not in ("format", "config")}
-    save_checkpoint(out_dir / CHECKPOINT_NAME, model, opt, **keep)
-    return out_dir / CHECKPOINT_NAME
+    save_checkpoint(target, model, opt, **keep)
+    return target
