@@ -113,6 +113,9 @@ def wrap(model, parallel: str, device):
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        # The blocks return (delta, residual) views; FSDP warns that an in-place op on a view would skip
+        # its backward hook. The GPT never writes into them (each norm reads them out of place).
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         for block in model.blocks:   # one all-gather per block: the others stay sharded meanwhile
             fully_shard(block)
         return fully_shard(model)
