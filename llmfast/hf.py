@@ -321,6 +321,7 @@ CAUSAL_LM_HEADS = {
     "qwen3": CausalLMHead(),
     "gemma": CausalLMHead(),
     "gemma2": CausalLMHead(softcap="final_logit_softcapping"),
+    "gemma3_text": CausalLMHead(softcap="final_logit_softcapping"),   # Gemma3ForCausalLM
     "phi3": CausalLMHead(),
 }
 

@@ -203,17 +203,17 @@ def _hf_gated_mlp(old, target_cls):
 # covered by the torch row.
 # Qwen3's q_norm/k_norm (over the head dim) are Qwen3RMSNorms too.
 HF_RMS_NORM_FAMILIES = ("Llama", "Mistral", "Mixtral", "Qwen2", "Qwen3", "Phi3")
-HF_OFFSET_RMS_NORM_FAMILIES = ("Gemma", "Gemma2")
+HF_OFFSET_RMS_NORM_FAMILIES = ("Gemma", "Gemma2", "Gemma3")
 # The causal-LM loss: llmfast.hf.CAUSAL_LM_HEADS (model types whose head the fused forward reproduces)
-HF_CAUSAL_LM_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+HF_CAUSAL_LM_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 # Gated MLPs: tests/test_glu.py checks each family's patched model against the unpatched one.
-HF_MLP_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Phi3")
+HF_MLP_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Gemma3", "Phi3")
 # Attention: tests/test_patch.py (whole model) and tests/test_hf_attention_variants.py (windows, soft-cap,
 # sinks) check each family against its unpatched model, left padding included.
 HF_ATTENTION_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
                             "gpt_oss", "gpt2")
 # Rotary embedding: tests/test_patch.py checks each family's patched forward runs llmfast's kernel.
-HF_ROPE_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+HF_ROPE_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 
 RULES: tuple = (
     Rule("softmax", TorchClass("Softmax"), "Softmax", "retype"),

@@ -260,6 +260,7 @@ HF_MLP_CONFIGS = {
     "qwen3": lambda T: T.Qwen3Config(**_COMMON, head_dim=8),
     "gemma": lambda T: T.GemmaConfig(**_COMMON, head_dim=8, hidden_act="gelu_pytorch_tanh"),
     "gemma2": lambda T: T.Gemma2Config(**_COMMON, head_dim=8, hidden_activation="gelu_pytorch_tanh"),
+    "gemma3_text": lambda T: T.Gemma3TextConfig(**_COMMON, head_dim=8, hidden_activation="gelu_pytorch_tanh"),
     "phi3": lambda T: T.Phi3Config(**_COMMON, pad_token_id=0),
 }
 

@@ -50,6 +50,8 @@ CONFIGS = {
     "qwen3": lambda T: T.Qwen3Config(**_COMMON, head_dim=16),
     "gemma": lambda T: T.GemmaConfig(**_COMMON, head_dim=16),
     "gemma2": lambda T: T.Gemma2Config(**_COMMON, head_dim=16, final_logit_softcapping=5.0, sliding_window=16),
+    "gemma3_text": lambda T: T.Gemma3TextConfig(**_COMMON, head_dim=16, final_logit_softcapping=5.0, sliding_window=16,
+                                                layer_types=["sliding_attention", "full_attention"]),
     "phi3": lambda T: T.Phi3Config(**_COMMON, pad_token_id=0),
 }
 

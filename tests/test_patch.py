@@ -158,6 +158,11 @@ HF_CONFIGS = {
     "gemma": lambda T: T.GemmaConfig(**_COMMON, head_dim=8),
     # a soft-cap of 3 on logits of size ~1-3: far from linear, so a wrong tanh derivative shows
     "gemma2": lambda T: T.Gemma2Config(**_COMMON, head_dim=8, final_logit_softcapping=3.0, sliding_window=6),
+    # a local layer (window 6, its own rope theta) then a global one; q/k norms; scaling from
+    # query_pre_attn_scalar 32, not head_dim 8
+    "gemma3_text": lambda T: T.Gemma3TextConfig(**_COMMON, head_dim=8, final_logit_softcapping=3.0, sliding_window=6,
+                                                query_pre_attn_scalar=32,
+                                                layer_types=["sliding_attention", "full_attention"]),
     "phi3": lambda T: T.Phi3Config(**_COMMON, pad_token_id=0),
     "gpt2": lambda T: T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                                    embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),
@@ -233,7 +238,8 @@ def test_hf_model_logits_grads_and_undo(family, monkeypatch):
 def test_hf_rotary_runs_the_llmfast_kernel_and_undo_restores(family):
     import importlib
 
-    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    package = family.removesuffix("_text")  # gemma3_text: Gemma3ForCausalLM lives in models.gemma3
+    modeling = importlib.import_module(f"transformers.models.{package}.modeling_{package}")
     original = modeling.apply_rotary_pos_emb
     model, ref = _hf_pair(family, attn_implementation="eager")
     ids = torch.randint(0, 64, (2, 10))
