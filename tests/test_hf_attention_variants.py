@@ -16,6 +16,9 @@ import llmfast  # noqa: E402
 from llmfast import hf  # noqa: E402
 from llmfast.patch import HF_ATTENTION_MODEL_TYPES  # noqa: E402
 
+# tiny models: one thread (conftest.one_thread says why)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 _COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.0)
 CONFIGS = {
