@@ -22,6 +22,12 @@ def _backends() -> list:
     return ["torch"] + [b for b, why in llmfast.available("attention", "cpu").items() if why is None and b != "torch"]
 
 
+def _pump(pipe, lines: queue.Queue):
+    for line in pipe:
+        lines.put(line)
+    lines.put(None)   # end of file: the child exited
+
+
 def run_table(backends: list, n_cases: int, *, selftest=False, case_timeout=CASE_TIMEOUT) -> dict:
     """{index: failure} for every misbehaving (backend, case) pair; index = b * n_cases + i."""
     env = dict(os.environ, TRITON_INTERPRET="1", LLMFAST_CUDA_EMU="1", PYTHONPATH=str(ROOT))
@@ -31,8 +37,9 @@ def run_table(backends: list, n_cases: int, *, selftest=False, case_timeout=CASE
         proc = subprocess.Popen(cmd + (["--selftest"] if selftest else []), cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         lines, err = queue.Queue(), []
-        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
-        threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
+        # the pipes and the queue are bound now: a killed child's reader must not feed the next one's queue
+        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+        threading.Thread(target=err.extend, args=(proc.stderr,), daemon=True).start()
         current, timeout = start, START_TIMEOUT
         while True:
             try:
