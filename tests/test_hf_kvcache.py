@@ -5,7 +5,8 @@ sequence (the model's DynamicCache / StaticCache after its update) to the kvcach
 translating transformers' mask into the kernel's rule (left padding -> kv_start, the
 filled length -> seqlens, a sliding window -> window) and falling back to the general
 attention path when no rule reproduces the mask. Checked here: batched greedy generation
-with left padding gives eager's tokens (tiny Llama and Mistral, dynamic and static caches);
+with left padding gives eager's tokens (tiny Llama, Mistral, Gemma 2 and Gemma 3, dynamic and
+static caches);
 one decode call against a float64 reference with the FlashAttention rule on every backend;
 masks the kernel cannot state fall back, still exact. A dispatch-mode spy counts the
 kvcache kernel's calls: it observes the real op, it does not replace it.
@@ -29,6 +30,11 @@ CONFIGS = {
     "llama": lambda T: T.LlamaConfig(**_COMMON),
     # a window of 4 on 7 + 10 tokens: in reach at every decode step (the cache's layers slide)
     "mistral": lambda T: T.MistralConfig(**_COMMON, sliding_window=4),
+    # local/global layers (each with its own cache layer), Gemma's scaling, Gemma 2's soft-cap
+    "gemma2": lambda T: T.Gemma2Config(**_COMMON, head_dim=8, attn_logit_softcapping=1.5, sliding_window=4,
+                                       query_pre_attn_scalar=32),
+    "gemma3_text": lambda T: T.Gemma3TextConfig(**_COMMON, head_dim=8, sliding_window=4, query_pre_attn_scalar=32,
+                                                layer_types=["sliding_attention", "full_attention"]),
 }
 
 
@@ -45,6 +51,7 @@ class KVCacheCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread says why)
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_batched_greedy_generation_matches_eager(family, cache):
