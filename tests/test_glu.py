@@ -280,6 +280,7 @@ def test_state_dict_loads_from_hf_mlps():
     torch.testing.assert_close(packed(x), phi(x))
 
 
+@pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread says why)
 @pytest.mark.parametrize("family", list(HF_MLP_CONFIGS))
 def test_hf_mlp_patch_logits_grads_and_undo(family):
     import copy

@@ -175,6 +175,7 @@ def test_hf_llama_each_backend(backend, monkeypatch):
         test_hf_model_logits_grads_and_undo("llama", monkeypatch)
 
 
+@pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread says why)
 @pytest.mark.parametrize("family", list(HF_CONFIGS))
 def test_hf_model_logits_grads_and_undo(family, monkeypatch):
     from llmfast import hf
