@@ -15,10 +15,15 @@
 //     B·splits tasks fill the threads even at B = 1; each chunk keeps its own running
 //     max / sum (online softmax) and a second pass combines the chunks with the log-sum-exp
 //     trick (a chunk with no visible key has lse = -inf and weight 0);
-//   * keys are walked page by page (any page size), in blocks of at most BN keys.
-// fp16/bf16 caches are read as they are and converted one row at a time; all math is fp32.
-// Masked keys get probability exactly 0 and are never multiplied into V, and keys outside
-// [kv_start, seqlens) are never read, so garbage (NaN) in unused cache slots cannot leak.
+//   * keys are walked page by page (any page size), in blocks of at most BN keys;
+//   * the inner loops are register-blocked (dots / accumulate): one K vector load feeds the
+//     FMAs of MB query rows, and the p·V update keeps MB keys in registers, so each fp32
+//     accumulator vector is loaded and stored once per MB keys instead of once per key
+//     (measured with csrc/dev-style variants, one thread, CPU time, B=1 S=32768 Hkv=8 D=128:
+//     53 -> 32 ms fp32, 51 -> 26 ms bf16); the block's exp is vectorised (exp_u20).
+// fp16/bf16 caches are read as they are and widened in registers; all math is fp32.
+// Masked keys get probability exactly 0, and keys outside [kv_start, seqlens) (the only
+// slots that may be unwritten) are never read, so garbage (NaN) there cannot leak.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -32,14 +37,61 @@ using at::Tensor;
 using Vec = Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t BN = 32;  // keys per block: BN·D fp32 K and V rows stay in L1
+constexpr int64_t MB = 4;  // query rows per pass over a K/V row: one load feeds MB FMAs
 
-float dot(const float* a, const float* b, int64_t n) {
-  Vec acc(0.f);
-  int64_t d = 0;
-  for (; d + Vec::size() <= n; d += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc);
-  float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; d < n; ++d) s += a[d] * b[d];
-  return s;
+// Vector of the n <= Vec::size() elements at x as fp32, zero-filled past n (D need not be a
+// multiple of the vector width). fp16/bf16 are widened in registers (at::vec::load_to_float):
+// a cache row is read once from memory and never stored back converted.
+template <typename T>
+inline Vec load(const T* x, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return n == Vec::size() ? Vec::loadu(x) : Vec::loadu(x, n);
+  } else {
+    Vec out;
+    if (n == Vec::size()) {
+      at::vec::load_to_float<T>(x, out);
+    } else {
+      float tail[Vec::size()] = {};
+      for (int64_t e = 0; e < n; ++e) tail[e] = static_cast<float>(x[e]);
+      out = Vec::loadu(tail);
+    }
+    return out;
+  }
+}
+inline void store(float* x, const Vec& v, int64_t n) { n == Vec::size() ? v.store(x) : v.store(x, n); }
+
+// s[i·ss] = q_i · k for the mb query rows q_i = qs + i·D (fp32) and one K row k: one pass over
+// k, mb accumulators (one horizontal reduction per row, not per D/Vec chunk).
+template <int mb, typename scalar_t>
+void dots(const float* qs, const scalar_t* k, int64_t D, float* s, int64_t ss) {
+  Vec acc[mb];
+  for (int i = 0; i < mb; ++i) acc[i] = Vec(0.f);
+  for (int64_t d = 0; d < D; d += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), D - d);
+    const Vec kv = load(k + d, n);
+    for (int i = 0; i < mb; ++i) acc[i] = at::vec::fmadd(load(qs + i * D + d, n), kv, acc[i]);
+  }
+  for (int i = 0; i < mb; ++i) s[i * ss] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc[i]);
+}
+
+// o_i += sum_t p[i·ps + t] · v_t for the mb fp32 accumulator rows o_i = o + i·D and the
+// nt <= MB V rows v_t: each accumulator vector is loaded and stored once per nt keys, each V
+// vector loaded once for all mb rows.
+template <int mb, typename scalar_t>
+void accumulate(float* o, int64_t D, const scalar_t* const* v, int64_t nt, const float* p, int64_t ps) {
+  Vec pv[mb][MB];  // broadcast once: the stores into o could alias p as far as the compiler knows
+  for (int i = 0; i < mb; ++i)
+    for (int64_t t = 0; t < nt; ++t) pv[i][t] = Vec(p[i * ps + t]);
+  for (int64_t d = 0; d < D; d += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), D - d);
+    Vec vv[MB];
+    for (int64_t t = 0; t < nt; ++t) vv[t] = load(v[t] + d, n);
+    for (int i = 0; i < mb; ++i) {
+      Vec a = load(o + i * D + d, n);
+      for (int64_t t = 0; t < nt; ++t) a = at::vec::fmadd(pv[i][t], vv[t], a);
+      store(o + i * D + d, a, n);
+    }
+  }
 }
 
 // y[0:n] += a · x[0:n]
@@ -48,6 +100,19 @@ void axpy(float a, const float* x, float* y, int64_t n) {
   int64_t d = 0;
   for (; d + Vec::size() <= n; d += Vec::size()) at::vec::fmadd(av, Vec::loadu(x + d), Vec::loadu(y + d)).store(y + d);
   for (; d < n; ++d) y[d] += a * x[d];
+}
+
+// Row blocks of at most MB rows: f.template operator()<mb>(first row) for each.
+template <typename F>
+void in_row_blocks(int64_t M, F&& f) {
+  int64_t m = 0;
+  for (; m + MB <= M; m += MB) f.template operator()<MB>(m);
+  switch (M - m) {
+    case 3: f.template operator()<3>(m); break;
+    case 2: f.template operator()<2>(m); break;
+    case 1: f.template operator()<1>(m); break;
+    default: break;
+  }
 }
 
 struct Problem {
@@ -83,11 +148,10 @@ void attend_split(const Problem& pr, const scalar_t* q, const scalar_t* k, const
                   int64_t H, int64_t j0, int64_t j1, float* const* o_of, float* const* lse_of,
                   std::vector<float>& buf) {
   const int64_t D = pr.d.D, M = pr.M, G = pr.G, R = H * M;  // R rows: head-major, row m = i·G + g
-  buf.resize(R * D + R * BN + D + 2 * R);
+  buf.resize(R * D + R * BN + 2 * R);
   float* qs = buf.data();           // [R, D] q · scale
   float* s = qs + R * D;            // [R, BN] scores, then probabilities
-  float* row = s + R * BN;          // [D] one fp32 K or V row (fp16/bf16 caches)
-  float* mx = row + D;              // [R] running max
+  float* mx = s + R * BN;           // [R] running max
   float* sum = mx + R;              // [R] running sum
   for (int64_t r = 0; r < R; ++r) {
     const int64_t hh = h0 + r / M, m = r % M, i = m / G, hq = hh * G + m % G;
@@ -103,27 +167,32 @@ void attend_split(const Problem& pr, const scalar_t* q, const scalar_t* k, const
     const int64_t n = std::min({BN, pr.d.P - slot, j1 - j});
     const scalar_t* kr = k + page * pr.skb + slot * pr.skp + h0 * pr.skh;
     const scalar_t* vr = v + page * pr.svb + slot * pr.svp + h0 * pr.svh;
+    // scores s[r, t]: keys in memory order (every head of key t, then key t + 1), each K row
+    // scored against the M query rows of its head in MB-row passes
     for (int64_t t = 0; t < n; ++t) {
       for (int64_t hi = 0; hi < H; ++hi) {
-        const float* krow = load_row<scalar_t, float>(kr + t * pr.skp + hi * pr.skh, D, row);
-        for (int64_t m = 0; m < M; ++m) s[(hi * M + m) * BN + t] = dot(qs + (hi * M + m) * D, krow, D);
+        const scalar_t* krow = kr + t * pr.skp + hi * pr.skh;
+        in_row_blocks(M, [&]<int mb>(int64_t m) {
+          dots<mb>(qs + (hi * M + m) * D, krow, D, s + (hi * M + m) * BN + t, BN);
+        });
       }
     }
     for (int64_t r = 0; r < R; ++r) {
       const int64_t hi = r / M, m = r % M, i = m / G;
       float* o = o_of[hi] + m * D;
       float* sr = s + r * BN;
-      float bm = kNegInf;
-      const float slope = pr.alibi ? pr.alibi[b * pr.d.Hq + (h0 + hi) * G + m % G] : 0.f;
-      const int64_t p = pr.seqlens[b] - pr.d.Sq + i;
-      for (int64_t t = 0; t < n; ++t) {
-        float x = sr[t];
-        if (pr.softcap > 0) x = pr.softcap * std::tanh(x / pr.softcap);
-        if (pr.alibi) x -= slope * static_cast<float>(std::abs(p - (j + t)));
-        if (masked && !pr.visible(b, i, j + t)) x = kNegInf;
-        sr[t] = x;
-        bm = std::max(bm, x);
+      if (pr.softcap > 0 || pr.alibi || masked) {
+        const float slope = pr.alibi ? pr.alibi[b * pr.d.Hq + (h0 + hi) * G + m % G] : 0.f;
+        const int64_t p = pr.seqlens[b] - pr.d.Sq + i;
+        for (int64_t t = 0; t < n; ++t) {
+          float x = sr[t];
+          if (pr.softcap > 0) x = pr.softcap * std::tanh(x / pr.softcap);
+          if (pr.alibi) x -= slope * static_cast<float>(std::abs(p - (j + t)));
+          if (masked && !pr.visible(b, i, j + t)) x = kNegInf;
+          sr[t] = x;
+        }
       }
+      const float bm = vec_max(sr, n);
       if (bm == kNegInf) {  // nothing visible in this block for this row
         std::fill(sr, sr + n, 0.f);
         continue;
@@ -133,21 +202,28 @@ void attend_split(const Problem& pr, const scalar_t* q, const scalar_t* k, const
       if (corr != 1.f) {
         at::vec::map([corr](Vec x) { return x * Vec(corr); }, o, o, D);
       }
-      float add = 0.f;
-      for (int64_t t = 0; t < n; ++t) {
-        sr[t] = std::exp(sr[t] - nm);  // masked: exp(-inf) = 0
-        add += sr[t];
+      // p = exp(s - max), exactly 0 where s = -inf (a masked key)
+      const Vec vm(nm), ninf(kNegInf), zero(0.f);
+      Vec add(0.f);
+      for (int64_t t = 0; t < n; t += Vec::size()) {
+        const int64_t c = std::min<int64_t>(Vec::size(), n - t);
+        const Vec x = load(sr + t, c);
+        const Vec e = Vec::blendv((x - vm).exp_u20(), zero, x == ninf);
+        store(sr + t, e, c);
+        add += c == Vec::size() ? e : Vec::set(zero, e, c);
       }
-      sum[r] = sum[r] * corr + add;
+      sum[r] = sum[r] * corr + at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, add);
       mx[r] = nm;
     }
-    for (int64_t t = 0; t < n; ++t) {
+    // o += p · V, MB keys at a time, keys in memory order as for K
+    for (int64_t t = 0; t < n; t += MB) {
+      const int64_t nt = std::min(MB, n - t);
       for (int64_t hi = 0; hi < H; ++hi) {
-        const float* vrow = load_row<scalar_t, float>(vr + t * pr.svp + hi * pr.svh, D, row);
-        for (int64_t m = 0; m < M; ++m) {
-          const float pm = s[(hi * M + m) * BN + t];
-          if (pm != 0.f) axpy(pm, vrow, o_of[hi] + m * D, D);  // masked keys never touch V (0 · NaN = NaN)
-        }
+        const scalar_t* vt[MB];
+        for (int64_t u = 0; u < nt; ++u) vt[u] = vr + (t + u) * pr.svp + hi * pr.svh;
+        in_row_blocks(M, [&]<int mb>(int64_t m) {
+          accumulate<mb>(o_of[hi] + m * D, D, vt, nt, s + (hi * M + m) * BN + t, BN);
+        });
       }
     }
     j += n;
