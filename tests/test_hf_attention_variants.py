@@ -4,7 +4,8 @@ layers, gpt-oss's ``s_aux`` sinks, Gemma 3's local/global layers (each with its 
 q/k norms). Tiny random configs, with and without a left-padded row: the logits of every
 real position and every parameter gradient (from real positions) match the eager
 implementation; padded positions see no key and differ by design (``llmfast.hf.attention_forward``
-says why). The patch reports the swap and undo restores eager."""
+says why; the last test pins both rules on one call). The patch reports the swap and undo
+restores eager."""
 import copy
 
 import pytest
@@ -85,3 +86,30 @@ def test_hf_attention_options_match_eager(family, padded, monkeypatch):
         torch.testing.assert_close(grads[n], ref_grads[n], atol=5e-5, rtol=1e-3, msg=n)
     handle.undo()
     assert model.config._attn_implementation == "eager"
+
+
+def test_padded_query_rows_are_zeros_where_eager_averages():
+    # the documented difference (llmfast.hf.attention_forward): a left-padded query sees no key and
+    # gets zeros (FlashAttention's and SDPA's rule); eager's softmax over scores the mask's minimum
+    # swallowed gives the uniform average of every value; the real rows agree
+    from types import SimpleNamespace
+
+    from transformers.masking_utils import sdpa_mask
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    B, H, Hkv, L, D = 2, 4, 2, 7, 8
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, L, D, generator=g)
+    k, v = (torch.randn(B, Hkv, L, D, generator=g) for _ in range(2))
+    padding = torch.ones(B, L, dtype=torch.bool)
+    padding[1, :3] = False
+    mask = sdpa_mask(batch_size=B, q_length=L, kv_length=L, attention_mask=padding, allow_is_causal_skip=False)
+    module = SimpleNamespace(is_causal=True, head_dim=D, num_key_value_groups=H // Hkv, training=False)
+    out, _ = hf.attention_forward(module, q, k, v, mask, scaling=0.3, softcap=1.5)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    want, _ = eager_attention_forward(module, q, k, v, additive, scaling=0.3, softcap=1.5)
+    assert out.shape == want.shape == (B, L, H, D)
+    torch.testing.assert_close(out[padding], want[padding], atol=1e-6, rtol=1e-5)
+    assert torch.equal(out[1, :3], torch.zeros(3, H, D))
+    uniform = v[1].mean(1).repeat_interleave(H // Hkv, 0)   # [H, D]: every key's value, equally weighted
+    torch.testing.assert_close(want[1, :3], uniform.expand(3, H, D), atol=1e-6, rtol=1e-5)
