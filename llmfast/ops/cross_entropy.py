@@ -91,13 +91,19 @@ def target_weights(target: Tensor, weight: Optional[Tensor], ignore_index: int, 
 
 
 def reduce_rows(loss: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str) -> Tensor:
-    """torch's reduction of per-row losses; 'mean' divides by the summed target weights (NaN if all ignored)."""
+    """torch's reduction of per-row losses; 'mean' divides by the summed target weights (NaN if all ignored).
+
+    The sums run in float64 and the result is rounded once to ``loss.dtype``: a float32
+    ``loss.sum()`` over 64 rows of ~10 was ~2x less accurate than torch's own 'sum' (whose
+    nll_loss accumulates more carefully), and the gap grows with the row count. One value
+    per row: the float64 pass costs nothing next to the kernel.
+    """
     if reduction == "none":
         return loss
-    total = loss.sum()
-    if reduction == "sum":
-        return total
-    return total / target_weights(target, weight, ignore_index, loss.dtype).sum()
+    total = loss.sum(dtype=torch.float64)
+    if reduction == "mean":
+        total = total / target_weights(target, weight, ignore_index, torch.float64).sum()
+    return total.to(loss.dtype)
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
