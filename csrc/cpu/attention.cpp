@@ -296,6 +296,10 @@ constexpr int64_t BM = 64;
 constexpr int64_t BN = 256;
 constexpr int64_t BM_BWD = 64;
 constexpr int64_t BN_BWD = 64;
+// (b, kv head, dQ chunk) tasks the backward aims for when B·Hkv is small (bwd_impl): 8
+// keep 4 threads busy twice over (8 once) for at most 8 fp32 dQ partial slices; more
+// threads than tasks only help when B·Hkv alone exceeds 8.
+constexpr int64_t kDqTasks = 8;
 // Keys per forward tile: BN, or BN_WINDOW under a sliding window. A BM-row tile sees
 // W + BM - 1 keys of a window of W; the BN-aligned blocks that cover them hold up to
 // W + BM - 1 + 2·(BN - 1) keys: with BN = 256 about 2x the visible ones at W = 512, with
@@ -792,10 +796,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out,
         delta = at::empty({P.B, P.H, P.L}, q.options().dtype(at::kFloat));
         delta_from_probs(P, view_of(qs), view_of(go32), kT, vT, lse_c, delta);
       }
-      // Enough (b, kv head, chunk) tasks to keep every thread busy; each chunk beyond
-      // the first costs a [B, H, L, D] fp32 dQ slice.
+      // About kDqTasks (b, kv head, chunk) tasks; each chunk beyond the first costs a
+      // [B, H, L, D] fp32 dQ slice. The chunks fix the order of dQ's sum over key tiles,
+      // so their count must not follow the thread count (it did: 2 per thread), or dQ's
+      // bits would depend on torch.get_num_threads() (tests/test_determinism.py).
       const int64_t nkt = (P.S + BN_BWD - 1) / BN_BWD;
-      const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
+      const int64_t want = kDqTasks;
       const int64_t chunks = std::clamp<int64_t>((want + P.B * P.Hkv - 1) / (P.B * P.Hkv), 1, nkt);
       const bool direct = std::is_same_v<scalar_t, float> && chunks == 1;
       Tensor acc = direct ? dq : at::empty({chunks, P.B, P.H, P.L, P.D}, q.options().dtype(at::kFloat));

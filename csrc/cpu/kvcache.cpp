@@ -246,12 +246,16 @@ bool heads_together(const Problem& pr) {
   return pr.d.Hkv > 1 && pr.skh <= pr.skp && pr.svh <= pr.svp;
 }
 
-// Splits per (b, kv head) when the caller passes 0: enough tasks for every thread twice
-// over, but no split shorter than ~256 keys (each split costs a partial-output write and a
-// combine read of M·D floats).
+// Splits per (b, kv head) when the caller passes 0: about kSplitTasks tasks in all, but no
+// split shorter than ~256 keys (each split costs a partial-output write and a combine read
+// of M·D floats). A fixed task count, not one per thread: the splits decide the order in
+// which the output is summed, so a thread-count-dependent choice made the output's bits
+// depend on torch.get_num_threads() (tests/test_determinism.py). 16 tasks keep up to 8
+// threads busy twice over.
+constexpr int64_t kSplitTasks = 16;
+
 int64_t auto_splits(int64_t tasks, int64_t max_len) {
-  const int64_t threads = at::get_num_threads();
-  const int64_t want = (2 * threads + tasks - 1) / std::max<int64_t>(tasks, 1);
+  const int64_t want = (kSplitTasks + tasks - 1) / std::max<int64_t>(tasks, 1);
   return std::max<int64_t>(1, std::min<int64_t>({want, (max_len + 255) / 256, 128}));
 }
 

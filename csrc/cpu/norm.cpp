@@ -241,8 +241,10 @@ struct RowBlocks {
 
 inline RowBlocks row_blocks(int64_t M, int64_t N) {
   // Enough blocks to balance threads, few enough that partials stay small next to the
-  // input (<= 4M elements per parameter unless every thread needs its own block).
-  const int64_t cap = std::max<int64_t>(at::get_num_threads(), std::min<int64_t>(128, (int64_t(1) << 22) / std::max<int64_t>(N, 1)));
+  // input (<= 4M elements per parameter, but at least 16 blocks). Never a function of the
+  // thread count: the blocks fix the order of the dw/db sums, so the gradients are the
+  // same bits on 1 thread or 64 (tests/test_determinism.py).
+  const int64_t cap = std::max<int64_t>(16, std::min<int64_t>(128, (int64_t(1) << 22) / std::max<int64_t>(N, 1)));
   return {std::max<int64_t>(1, std::min(M, cap)), M};
 }
 
