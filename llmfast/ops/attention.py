@@ -196,7 +196,9 @@ def draw_seed() -> Tensor:
 def _last_contiguous(x: Tensor) -> Tensor:
     if x.stride(-1) == 1:
         return x
-    if x.shape[-1] <= 1:  # a dim of size <= 1 addresses nothing with its stride: a view with 1 (kernels check it)
+    if x.shape[-1] <= 1 or x.numel() == 0:
+        # the stride addresses nothing (a dim of size <= 1, or no elements, where .contiguous()
+        # keeps any strides): a view with 1, which the kernels check
         return x.as_strided(x.shape, x.stride()[:-1] + (1,))
     return x.contiguous()
 

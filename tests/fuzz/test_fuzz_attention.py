@@ -3,11 +3,13 @@ GQA, bool/additive masks broadcast or expanded, fully masked rows, top-left caus
 flash_attention, and FlashAttention 2's flash_attn_func / flash_attn_varlen_func
 (bottom-right causal, windows, softcap, ALiBi, sinks, dropout with a fixed seed, lse),
 on every backend."""
+import pytest
 import torch
 from hypothesis import strategies as st
 
 from llmfast.flash_attn import flash_attn_func, flash_attn_varlen_func
 from llmfast.nn import functional as LF
+from tests.conftest import backends_for
 from tests.fuzz.strategies import (DTYPES, FINITE, TINY, bcast, check, clip, fuzz_tests, lay, layouts, same_as_torch,
                                    seeds, sizes, specials, tensor)
 
@@ -166,3 +168,24 @@ test_fuzz_flash_attn_func, test_fuzz_flash_attn_func_long = fuzz_tests("flash_at
                                                                        flash_attn_func_prop)
 test_fuzz_flash_attn_varlen, test_fuzz_flash_attn_varlen_long = fuzz_tests("flash_attn_varlen_func", "attention",
                                                                            varlen_cases, flash_attn_varlen_prop)
+
+
+# Inputs the fuzzing found, fixed: q/k/v with no elements (L = 0) or a head dim of 1 whose last
+# stride is not 1 were refused by the cpu/cuda kernels' 'last dim must be contiguous' check.
+FOUND = [
+    dict(batch=[2], L=2, S=0, E=1, Ev=1, dtype=torch.float32, seed=0, plant=[], kv_bcast=[False], gqa=False,
+         mask=None, mask_bcast=[False] * 3, mask_expand=False, dead=False, causal=False, scale=None,
+         layout="transposed"),
+    dict(batch=[2, 2], L=0, S=3, E=3, Ev=1, dtype=torch.bfloat16, seed=5334, plant=[], kv_bcast=[False, True],
+         gqa=True, mask="bool", mask_bcast=[False, True, True, True], mask_expand=False, dead=True, causal=False,
+         scale=None, layout="strided"),
+    dict(batch=[1, 3], L=0, S=64, E=16, Ev=1, dtype=torch.bfloat16, seed=0, plant=[], kv_bcast=[True, True],
+         gqa=True, mask=None, mask_bcast=[True, False, False, False], mask_expand=False, dead=True, causal=True,
+         scale=None, layout="strided"),
+]
+
+
+@pytest.mark.parametrize("backend", backends_for("attention", emu=True))
+@pytest.mark.parametrize("case", FOUND, ids=["S0_transposed", "L0_strided", "L0_strided_gqa"])
+def test_found_by_fuzzing(backend, case):
+    sdpa_prop(backend, case)
