@@ -105,7 +105,9 @@ using MicroFn = void (*)(int64_t, const float*, int64_t, const float*, int64_t, 
 // block, and chain rounding grows with the chain's length: the fp32 output was 3.4x
 // torch's error (non-causal, L = S = 4096, D = 64) and dK/dV 5.5x (causal). A fresh
 // product per block, added here, makes it a two-level sum (block length + block count),
-// as torch's BLAS does; it costs one [block, D] add per block product (< 2%).
+// as torch's BLAS does, for one [block, D] add per block product: within the noise of a
+// loaded 2-core VM (fp32 [1, 4, 2048, 64], 1 thread, cpu time: forward 50-51 -> 48-52 ms,
+// forward+backward 175-180 -> 171-196 ms).
 inline void add_block(float* acc, const float* tile, int64_t n) {
   at::vec::map2([](Vec a, Vec b) { return a + b; }, acc, acc, tile, n);
 }
