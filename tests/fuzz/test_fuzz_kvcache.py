@@ -74,7 +74,7 @@ def prop(backend, case):
     cos = sin = None
     if case["rotary"]:
         R = D // 2 if D >= 4 else D
-        angle = torch.rand(S + 1, R // 2, generator=g) * 6.3
+        angle = torch.rand(S + Sq, R // 2, generator=g) * 6.3   # q (causal or local) reads up to S + Sq - 1
         cos, sin = angle.cos().to(dt), angle.sin().to(dt)
     slopes = None
     if case["alibi"]:
