@@ -7,6 +7,7 @@ The kernel must be about as accurate as PyTorch in the same dtype.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -142,3 +143,15 @@ def second_derivatives(fn: Callable, inputs: Sequence, backend_name: str, seed: 
         total = sum((g * v).sum() for g, v in pairs)
         gg = torch.autograd.grad(total, diff, allow_unused=True)
     return [torch.zeros_like(a) if g is None else g for a, g in zip(diff, gg)]
+
+
+@contextlib.contextmanager
+def saved_for_backward():
+    """Collects every tensor autograd saves for backward inside the block (to check memory claims)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved

@@ -4,7 +4,7 @@ import torch
 
 import llmfast
 from llmfast.nn import functional as LF
-from llmfast.testing import check, second_derivatives
+from llmfast.testing import check, saved_for_backward, second_derivatives
 from tests.conftest import DEVICE, backends_for
 
 BACKENDS = backends_for("glu", emu=True)
@@ -79,16 +79,10 @@ def test_matches_torch_at_extremes(backend, act):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_only_inputs_saved_for_backward(backend):
     # the memory claim: backward recomputes act(gate); it keeps gate and up and nothing else
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
     for packed in (False, True):
-        saved.clear()
         x = _x((4, 64), torch.float32).requires_grad_()
         g, u = _x((4, 32), torch.float32).requires_grad_(), _x((4, 32), torch.float32).requires_grad_()
-        with llmfast.backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with llmfast.backend(backend), saved_for_backward() as saved:
             y = LF.swiglu(x) if packed else LF.swiglu(g, u)
         ptrs = {t.data_ptr() for t in saved}
         assert ptrs <= ({x.data_ptr()} if packed else {g.data_ptr(), u.data_ptr()}), saved

@@ -4,7 +4,7 @@ import torch
 
 import llmfast
 from llmfast.nn import functional as LF
-from llmfast.testing import check
+from llmfast.testing import check, saved_for_backward
 from tests.conftest import DEVICE, backends_for
 
 BACKENDS = backends_for("rope", emu=True)
@@ -152,17 +152,12 @@ def test_non_contiguous(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_saves_only_angles_and_writes_nothing_in_place(backend):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
     B, S, H, D = 2, 4, 2, 8
     q, k = _heads(B, S, H, D, torch.float32).requires_grad_(), _heads(B, S, 1, D, torch.float32).requires_grad_()
     cos, sin = _hf_angles(B, S, D, torch.float32)
     keep = [t.detach().clone() for t in (q, k, cos, sin)]
     versions = [t._version for t in (q, k, cos, sin)]
-    with llmfast.backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with llmfast.backend(backend), saved_for_backward() as saved:
         qo, ko = LF.apply_rotary_pos_emb(q, k, cos, sin)
     assert {t.data_ptr() for t in saved} <= {cos.data_ptr(), sin.data_ptr()}, saved
     dq = torch.randn_like(qo)
