@@ -57,3 +57,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def interrupt_training(monkeypatch):
+    """``interrupt_training(step)``: ``llmfast train`` gets Ctrl-C as its (0-based) step ``step`` begins;
+    ``interrupt_training(None)`` restores the real step."""
+    from llmfast.train import loop
+    real_step = loop.train_step
+
+    def at(step):
+        def interrupted(model, opt, data, s, *a):
+            if s == step:
+                raise KeyboardInterrupt
+            return real_step(model, opt, data, s, *a)
+        monkeypatch.setattr(loop, "train_step", real_step if step is None else interrupted)
+    return at

@@ -56,19 +56,10 @@ def straight(corpus, tmp_path):
     return load_checkpoint(tmp_path / "straight")
 
 
-def test_resume_is_bitwise(corpus, tmp_path, straight, monkeypatch, capsys):
-    from llmfast.train import loop
-
-    real_step = loop.train_step
-
-    def stop_at_7(model, opt, data, step, *a):
-        if step == 6:
-            raise KeyboardInterrupt
-        return real_step(model, opt, data, step, *a)
-
-    monkeypatch.setattr(loop, "train_step", stop_at_7)
+def test_resume_is_bitwise(corpus, tmp_path, straight, interrupt_training, capsys):
+    interrupt_training(6)
     assert main(_argv(corpus, tmp_path / "part")) == 130
-    monkeypatch.setattr(loop, "train_step", real_step)
+    interrupt_training(None)
     half = load_checkpoint(tmp_path / "part")
     assert half["step"] == 6 and half["losses"] == straight["losses"][:6]
     assert main(["train", "--out-dir", str(tmp_path / "part"), "--resume", "--quiet", "--threads", "1"]) == 0

@@ -31,9 +31,7 @@ def _train(corpus, out, *extra):
     return main(["train", "--data", str(corpus), "--out-dir", str(out), *TINY, *extra])
 
 
-def test_train_resume_generate(corpus, tmp_path, capsys, monkeypatch):
-    from llmfast.train import loop
-
+def test_train_resume_generate(corpus, tmp_path, capsys, interrupt_training):
     # one run of 12 steps ...
     assert _train(corpus, tmp_path / "full", "--steps", "12", "--eval-interval", "4") == 0
     out = capsys.readouterr().out
@@ -42,17 +40,10 @@ def test_train_resume_generate(corpus, tmp_path, capsys, monkeypatch):
     assert [c["step"] for c in full] == [0, 4, 8, 12]
     assert full[-1]["val_ppl"] < full[0]["val_ppl"] * 0.7   # clearly learning
     # ... and the same run interrupted (Ctrl-C) during step 10, then resumed, gives the same curve
-    real_step = loop.train_step
-
-    def interrupted(model, opt, data, step, *a):
-        if step == 9:
-            raise KeyboardInterrupt
-        return real_step(model, opt, data, step, *a)
-
-    monkeypatch.setattr(loop, "train_step", interrupted)
+    interrupt_training(9)
     assert _train(corpus, tmp_path / "part", "--steps", "12", "--eval-interval", "4") == 130
     assert "interrupted" in capsys.readouterr().err
-    monkeypatch.setattr(loop, "train_step", real_step)
+    interrupt_training(None)
     assert load_checkpoint(tmp_path / "part")["step"] == 8
     assert main(["train", "--out-dir", str(tmp_path / "part"), "--resume", "--quiet"]) == 0
     part = load_checkpoint(tmp_path / "part")["curve"]
