@@ -169,3 +169,14 @@ def grads_by_recompute(fn, inputs, needed, cotangents):
         g = next(got) if (need and t is not None) else None
         out.append(torch.zeros_like(t) if (g is None and need and t is not None) else g)
     return out
+
+
+def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """x with unit stride along its last dim, the layout the kernels check: x itself, a copy,
+    or, where the stride addresses nothing (a last dim of size <= 1, or no elements, where
+    ``.contiguous()`` keeps any strides), a view of x with stride 1 there."""
+    if x.stride(-1) == 1:
+        return x
+    if x.shape[-1] <= 1 or x.numel() == 0:
+        return x.as_strided(x.shape, x.stride()[:-1] + (1,))
+    return x.contiguous()

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from llmfast import backends, reference
 from llmfast.backends import OpSpec
-from llmfast.ops._library import create_graph, grads_by_recompute, kernel
+from llmfast.ops._library import create_graph, grads_by_recompute, kernel, unit_last_stride
 
 
 def _fwd_fake(q, k, v, mask, scale, is_causal, dropout_p, seed, window_left=-1, window_right=-1, bottom_right=False,
@@ -193,16 +193,6 @@ def draw_seed() -> Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
-def _last_contiguous(x: Tensor) -> Tensor:
-    if x.stride(-1) == 1:
-        return x
-    if x.shape[-1] <= 1 or x.numel() == 0:
-        # the stride addresses nothing (a dim of size <= 1, or no elements, where .contiguous()
-        # keeps any strides): a view with 1, which the kernels check
-        return x.as_strided(x.shape, x.stride()[:-1] + (1,))
-    return x.contiguous()
-
-
 def _canonical_band(L: int, S: int, is_causal: bool, window, bottom_right: bool):
     """(is_causal, window_left, window_right, bottom_right) with what changes nothing dropped.
 
@@ -271,7 +261,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, *,
         if mask.dtype != torch.bool:
             mask = mask.to(torch.float32)  # kernels read additive masks as fp32
         mask = mask.expand(B, H, L, S)
-    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     if sinks is not None:
         sinks = sinks.to(torch.float32).contiguous()  # the kernels read fp32 logits (the cast is differentiable)
     opts = (left, right, bottom_right, softcap, sinks)

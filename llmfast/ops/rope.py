@@ -41,7 +41,7 @@ from torch import Tensor
 
 from llmfast import backends
 from llmfast.backends import OpSpec
-from llmfast.ops._library import create_graph, kernel
+from llmfast.ops._library import create_graph, kernel, unit_last_stride
 
 
 def _pairs(t: Tensor, R: int, interleaved: bool):
@@ -90,7 +90,7 @@ def _backward(ctx, bwd, grad_q, grad_k):
     if create_graph():  # double backward ahead: the transpose in differentiable torch ops (it is linear in g)
         out = [reference(g, cos, sin, R, interleaved, conj=True) for g in grads]
         return out[0], (out[1] if has_k else None), None, None, None, None
-    grads = [g if g.stride(-1) == 1 or g.shape[-1] <= 1 else g.contiguous() for g in grads]
+    grads = [unit_last_stride(g) for g in grads]
     need_k = has_k and ctx.needs_input_grad[1]  # k's transpose is skipped when only q needs it
     dq, dk = bwd(grads[0], grads[1] if need_k else None, cos, sin, R, interleaved)
     return dq, (dk if need_k else None), None, None, None, None
@@ -111,10 +111,6 @@ rope_fwd = kernel("rope_fwd", "(Tensor q, Tensor? k, Tensor cos, Tensor sin, int
 backends.register_op(OpSpec("rope", kernel=rope_fwd))
 
 
-def _unit_last(t: Tensor) -> Tensor:
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
 def rope(q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor, rotary_dim: int, interleaved: bool):
     """(q rotated, k rotated or None) on the canonical form (module docstring).
 
@@ -126,7 +122,7 @@ def rope(q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor, rotary_dim: i
         return (reference(q, cos, sin, rotary_dim, interleaved),
                 None if k is None else reference(k, cos, sin, rotary_dim, interleaved))
     B, S = q.shape[:2]
-    cos, sin = (_unit_last(t.expand(B, S, t.shape[-1])) for t in (cos, sin))
-    qo, ko = rope_fwd.on(which, q.device.type)(_unit_last(q), None if k is None else _unit_last(k), cos, sin,
-                                               rotary_dim, interleaved)
+    cos, sin = (unit_last_stride(t.expand(B, S, t.shape[-1])) for t in (cos, sin))
+    k = None if k is None else unit_last_stride(k)
+    qo, ko = rope_fwd.on(which, q.device.type)(unit_last_stride(q), k, cos, sin, rotary_dim, interleaved)
     return qo, (None if k is None else ko)
