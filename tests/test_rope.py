@@ -104,15 +104,16 @@ def test_matches_hugging_face(backend):
     torch.testing.assert_close(ko, want[1])
 
 
-def test_mixed_dtypes_and_position_ids_follow_hf():
+def test_mixed_dtypes_and_positional_unsqueeze_dim_follow_hf():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
 
     cos, sin = _hf_angles(2, 5, 8, torch.bfloat16)
     q, k = _heads(2, 5, 2, 8, torch.bfloat16), _heads(2, 5, 1, 8, torch.float16)  # k promotes to fp32 with bf16
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, S, H, D]: unsqueeze_dim=2
     for be in [b.values[0] for b in BACKENDS if not b.marks] + ["torch"]:
         with llmfast.backend(be):
-            got = LF.apply_rotary_pos_emb(q, k, cos, sin, torch.arange(5)[None])  # position_ids: unused, as in HF
-        for a, b in zip(got, llama_rope(q, k, cos, sin)):
+            got = LF.apply_rotary_pos_emb(q, k, cos, sin, 2)  # HF's signature: unsqueeze_dim is the 5th positional
+        for a, b in zip(got, llama_rope(q, k, cos, sin, 2)):
             assert a.dtype == b.dtype
             torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
 

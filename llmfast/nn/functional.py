@@ -714,7 +714,7 @@ def _check_angles(name: str, cos, sin, like: Tensor, like_name: str) -> None:
             raise RuntimeError(f"{name}(): {arg} is on {t.device} but {like_name} is on {like.device}")
 
 
-def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor] = None,
+def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
                          unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
     r"""Hugging Face's ``apply_rotary_pos_emb``: ``(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin)``.
 
@@ -727,7 +727,6 @@ def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positio
             feature, ``cat(freqs, freqs)`` (positions may differ per batch row, start anywhere).
             ``R < D`` is partial rotary (Phi-3's, GPT-NeoX's ``rotary_pct``): the first R features
             are rotated and the rest pass through.
-        position_ids: deprecated and unused, as in Hugging Face (cos/sin are already gathered).
         unsqueeze_dim: where the head dim of q and k is (1 or 2), as in Hugging Face.
 
     Same results as Hugging Face's function (NeoX pairing, feature i with i + R/2), whatever
