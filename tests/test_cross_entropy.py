@@ -107,6 +107,31 @@ def test_huge_logits_fp32(backend, smoothing):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_nonfinite_logits_follow_torch(backend, smoothing):
+    """A +inf or NaN logit makes torch's whole row NaN (log_softmax's x - max is inf - inf),
+    loss and every class's gradient; -inf logits are ordinary (probability 0). Rows without
+    them stay finite. Ignored rows are skipped: their gradient is 0 (documented)."""
+    C = 300
+    x = torch.randn(5, C, device=DEVICE)
+    x[0, 7] = float("inf")                 # +inf, not at the target
+    x[1, 3] = float("inf")                 # +inf at the target
+    x[2, 11] = float("nan")
+    x[3, :C // 2] = float("-inf")           # half the classes impossible
+    t = torch.tensor([1, 3, 0, C - 1, 4], device=DEVICE)
+    ref_x = x.clone().requires_grad_()
+    ref = TF.cross_entropy(ref_x, t, reduction="none", label_smoothing=smoothing)
+    ref.sum().backward()
+    xx = x.clone().requires_grad_()
+    with llmfast.backend(backend):
+        out = F.cross_entropy(xx, t, reduction="none", label_smoothing=smoothing)
+        out.sum().backward()
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    torch.testing.assert_close(xx.grad, ref_x.grad, equal_nan=True)
+    assert xx.grad[:3].isnan().all() and xx.grad[3:].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_shapes(backend):
     x = torch.randn(37, device=DEVICE)  # [C] with a 0-dim target
     for red in REDUCTIONS:

@@ -171,6 +171,30 @@ def test_constant_and_zero_rows(kind, backend, dtype, n, device):
     _check(compare(kind.fn((n,))[0], [x, *params], backend))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,nshape", [((1,), (1,)), ((5, 1), (1,)), ((3, 2, 1, 1), (1, 1))])
+@pytest.mark.parametrize("backend", [p for p in backends_for("layer_norm", emu=True)])
+def test_layer_norm_one_feature(backend, shape, nshape, dtype, device):
+    """Over one feature the output is the bias and dx is exactly 0 (the residual's gradient
+    passes through); torch's OpInfo samples include this shape. Before, fma contraction of
+    dy * w - mean(dy * w) left rstd * (one rounding) = 1.5e-5 at eps = 1e-5."""
+    x = (torch.randn(shape, device=device) * 2 + 100).to(dtype).requires_grad_()
+    r = torch.randn(shape, device=device).to(dtype).requires_grad_()
+    w = (torch.randn(nshape, device=device) + 1).to(dtype).requires_grad_()
+    b = torch.randn(nshape, device=device).to(dtype).requires_grad_()
+    for residual in (None, r):
+        with llmfast.backend(backend):
+            y = LF.layer_norm(x, nshape, w, b, 1e-5, residual=residual)
+        outs = y if isinstance(y, tuple) else (y,)
+        assert torch.equal(outs[0], b.detach().expand(shape)), backend
+        cots = [torch.randn_like(o) for o in outs]
+        dx = torch.autograd.grad(outs, x, cots)[0]
+        expected = torch.zeros_like(x) if residual is None else cots[1]
+        assert torch.equal(dx, expected), (dx - expected).abs().max()
+    _check(compare(lambda x, w, b: LF.layer_norm(x, nshape, w, b, 1e-5), [x.detach(), w.detach(), b.detach()],
+                   backend))
+
+
 @pytest.mark.parametrize("n", [512, 10000])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind,backend", cases())

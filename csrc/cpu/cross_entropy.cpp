@@ -83,8 +83,11 @@ RowStats<acc_t> row_stats(const scalar_t* x, const CeParams<acc_t>& p, acc_t* bu
     const int64_t n = std::min(kBlock, p.C - j0);
     const acc_t* xb = load_row<scalar_t, acc_t>(x + j0, n, buf);
     const acc_t bm = vec_max(xb, n);
-    if (std::isnan(bm)) {  // a NaN anywhere poisons the row, as in torch
-      return {bm, bm, bm, bm, bm};
+    // A NaN anywhere poisons the row, as in torch; so does +inf, whose x - max is
+    // inf - inf = NaN in torch's log_softmax (loss and every gradient NaN, not just its own).
+    if (std::isnan(bm) || bm == -ninf) {
+      const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+      return {nan, nan, nan, nan, nan};
     }
     if (bm > m) {
       if (m != ninf) {
@@ -127,7 +130,9 @@ void row_grad(const scalar_t* x, scalar_t* dx, const CeParams<acc_t>& p, int64_t
   alignas(64) scalar_t out[std::is_same_v<scalar_t, acc_t> ? 1 : kBlock];  // a streamed half block
   using Vec = Vectorized<acc_t>;
   const acc_t wt = p.w ? p.w[t] : acc_t(1);
-  const acc_t coef = g * ((acc_t(1) - p.eps) * wt + p.eps / acc_t(p.C) * p.w_total);
+  // A poisoned row (NaN lse: a NaN or +inf logit) is NaN at every class, as in torch; exp_u20
+  // would turn x - NaN into inf or 0, so the NaN rides on the coefficient.
+  const acc_t coef = std::isnan(hi) ? hi : g * ((acc_t(1) - p.eps) * wt + p.eps / acc_t(p.C) * p.w_total);
   const acc_t a = g * p.eps / acc_t(p.C);     // subtracted at every class (times w_c)
   const acc_t b = g * (acc_t(1) - p.eps) * wt;  // subtracted at the target
   const Vec vhi(hi), vlo(lo), vcoef(coef), va(a);
