@@ -39,6 +39,11 @@ it only for dropout tests; llmfast does not materialise the probabilities).
 ``flash_attn_with_kvcache`` (decoding over a contiguous or paged KV cache, appending new
 keys in place) runs :func:`llmfast.ops.kvcache.kvcache_attention`, the split-KV decode
 kernels of every backend, with the same semantics.
+
+``apply_rotary_emb`` is ``flash_attn.layers.rotary.apply_rotary_emb`` (the same function as
+:func:`llmfast.nn.functional.rotary_embedding`): ``interleaved``, ``inplace``,
+``seqlen_offsets`` (int or per-sequence ``[B]``, checked against the tables' length) and
+packed sequences (``cu_seqlens``, ``max_seqlen``), on the rope kernels of every backend.
 """
 from __future__ import annotations
 
@@ -47,12 +52,15 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from llmfast.nn.functional import _check_attention_inputs
+from llmfast.nn.functional import _check_attention_inputs, _check_cu_seqlens, rotary_embedding
 from llmfast.ops import attention as attention_op
 from llmfast.ops import rope as rope_op
 from llmfast.ops.kvcache import kvcache_attention
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "apply_rotary_emb"]
+
+# flash_attn.layers.rotary.apply_rotary_emb: the same function as llmfast.nn.functional.rotary_embedding
+apply_rotary_emb = rotary_embedding
 
 
 def _check_window_softcap(name: str, window_size, softcap) -> tuple:
@@ -163,31 +171,6 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     if return_attn_probs:
         return out, lse, q.new_empty((0,))
     return out
-
-
-def _check_cu_seqlens(name: str, arg: str, cu: Tensor, total: int, max_seqlen, like: Tensor) -> list:
-    if not isinstance(cu, Tensor):
-        raise TypeError(f"{name}(): {arg} must be a Tensor, got {type(cu).__name__}")
-    if cu.dtype != torch.int32:
-        raise RuntimeError(f"{name}(): {arg} must be int32, got {cu.dtype}")
-    if cu.dim() != 1 or cu.numel() < 1:
-        raise RuntimeError(f"{name}(): {arg} must be 1-D [batch + 1], got shape {tuple(cu.shape)}")
-    if cu.device != like.device:
-        raise RuntimeError(f"{name}(): {arg} is on {cu.device} but q is on {like.device}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
-        raise TypeError(f"{name}(): max_seqlen for {arg} must be an int, got {type(max_seqlen).__name__}")
-    bounds = cu.tolist()  # a host sync: the segments decide the work
-    if bounds[0] != 0:
-        raise RuntimeError(f"{name}(): {arg} must start at 0, got {bounds[0]}")
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    if any(n < 0 for n in lengths):
-        raise RuntimeError(f"{name}(): {arg} must be non-decreasing, got {bounds}")
-    if bounds[-1] > total:
-        raise RuntimeError(f"{name}(): {arg}[-1] = {bounds[-1]} is beyond the packed buffer of {total} tokens")
-    longest = max(lengths, default=0)
-    if longest > max_seqlen:
-        raise RuntimeError(f"{name}(): a segment of {arg} has {longest} tokens, more than max_seqlen = {max_seqlen}")
-    return bounds
 
 
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,

@@ -4,7 +4,7 @@ import torch
 
 import llmfast
 from llmfast.nn import functional as LF
-from llmfast.testing import check, saved_for_backward
+from llmfast.testing import ATOL, check, saved_for_backward
 from tests.conftest import DEVICE, backends_for
 
 BACKENDS = backends_for("rope", emu=True)
@@ -349,3 +349,209 @@ def test_torch_compile_fullgraph_cpu_backend():
         f(*args).backward()
     for a, t in zip(grads, args):
         torch.testing.assert_close(a, t.grad)
+
+
+# ----------------------------------------------------------------------------------
+# flash-attn's full apply_rotary_emb: seqlen_offsets, cu_seqlens/max_seqlen (packed), inplace
+
+
+def _token_loop_ref(x, cos, sin, interleaved, offsets=0, cu=None):
+    """flash-attn's apply_rotary_emb written out one token at a time, in x's dtype (no llmfast code).
+
+    x [B, S, H, D] or packed [T, H, D] (cu: the segment bounds, a list); cos/sin [S_ro, R/2] or
+    [B, S_ro, R/2]; offsets an int or a list. Differentiable (torch ops on fresh tensors)."""
+    R = 2 * cos.shape[-1]
+    offs = offsets if isinstance(offsets, list) else [offsets] * (len(cu) - 1 if cu is not None else x.shape[0])
+    if cu is None:
+        tokens = [((b, s), b, offs[b] + s) for b in range(x.shape[0]) for s in range(x.shape[1])]
+    else:
+        tokens = [((i,), b, i - cu[b] + offs[b]) for b in range(len(cu) - 1) for i in range(cu[b], cu[b + 1])]
+    out = x.clone()
+    for idx, b, p in tokens:
+        c, s = ((t[p] if t.dim() == 2 else t[b if t.shape[0] > 1 else 0, p]).to(x.dtype) for t in (cos, sin))
+        v = x[idx]                                                  # [H, D]
+        i1 = torch.arange(0, R, 2) if interleaved else torch.arange(R // 2)
+        i2 = i1 + 1 if interleaved else i1 + R // 2
+        x1, x2 = v[:, i1], v[:, i2]
+        out[idx + (slice(None), i1)] = x1 * c - x2 * s
+        out[idx + (slice(None), i2)] = x2 * c + x1 * s
+    return out
+
+
+def _check_flash(backend, x, cos, sin, grads=(True, False, False), **kw):
+    """fn = rotary_embedding(x, cos, sin, **kw) on ``backend`` against the token loop in float64, with the
+    FlashAttention rule (error <= 2x the loop's own error in x's dtype + atol), forward and every gradient."""
+    ref_kw = dict(interleaved=kw.get("interleaved", False), cu=kw["cu_seqlens"].tolist() if "cu_seqlens" in kw else None)
+    off = kw.get("seqlen_offsets", 0)
+    ref_kw["offsets"] = off.tolist() if isinstance(off, torch.Tensor) else off
+    cot = torch.randn(x.shape, dtype=torch.float64)
+    runs = []
+    for fn, dt in ((lambda *a: _token_loop_ref(*a, **ref_kw), torch.float64), (lambda *a: _token_loop_ref(*a, **ref_kw), None),
+                   (lambda *a: LF.rotary_embedding(*a, **kw), None)):
+        args = [t.detach().to(dt or t.dtype).clone().requires_grad_(g) for t, g in zip((x, cos, sin), grads)]
+        with llmfast.backend(backend if dt is None else "torch"):
+            out = fn(*args)
+            diff = [a for a in args if a.requires_grad]
+            got = torch.autograd.grad(out, diff, cot.to(out.dtype)) if diff else ()
+        runs.append([out.detach()] + [g for g in got])
+    ref, same_dtype, mine = runs
+    atol = ATOL[x.dtype]
+    for i, (r, b, m) in enumerate(zip(ref, same_dtype, mine)):
+        assert m.dtype == b.dtype, (i, m.dtype, b.dtype)
+        err, bound = (m.double() - r).abs().max().item(), 2 * (b.double() - r).abs().max().item() + atol
+        assert err <= bound, f"{'out' if i == 0 else f'grad {i}'}: {err:.3g} > {bound:.3g}"
+    return mine
+
+
+FLASH_BACKENDS = BACKENDS + ["torch"]
+
+
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_seqlen_offsets(backend, dtype, interleaved):
+    B, S, H, D, R = 3, 4, 2, 12, 8          # partial rotary (R < D)
+    x = torch.randn(B, S, H, D).to(dtype)
+    cos, sin = _flash_angles(S + 5, R, torch.float32)
+    for off in (0, 5, torch.tensor([0, 5, 2], dtype=torch.int32), torch.tensor([3, 0, 5])):
+        _check_flash(backend, x, cos, sin, interleaved=interleaved, seqlen_offsets=off)
+    # per-sequence tables [B, S_ro, R/2] with per-sequence offsets, angles in x's dtype
+    cb, sb = _flash_angles(S + 2, R, dtype, batch=B)
+    _check_flash(backend, x, cb, sb, interleaved=interleaved, seqlen_offsets=torch.tensor([2, 0, 1]))
+
+
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_varlen(backend, dtype, interleaved):
+    # segments of 3, 0, 1 and 5 tokens in a buffer of 12: the 3 tokens past cu_seqlens[-1] pass through
+    H, D, R = 2, 8, 8
+    cu = torch.tensor([0, 3, 3, 4, 9], dtype=torch.int32)
+    x = torch.randn(12, H, D).to(dtype)
+    cos, sin = _flash_angles(9, R, torch.float32)
+    for off in (0, 2, torch.tensor([4, 9, 8, 1], dtype=torch.int32)):   # 9 + 0 tokens: an empty segment at the end
+        out = _check_flash(backend, x, cos, sin, interleaved=interleaved, seqlen_offsets=off, cu_seqlens=cu,
+                           max_seqlen=6)[0]
+        assert torch.equal(out[9:], x[9:])
+    # partial rotary, per-segment tables, strided x, and no padding (cu_seqlens[-1] == total)
+    xs = torch.randn(9, H, 2 * D)[..., 1:1 + D].to(dtype)
+    cb, sb = _flash_angles(5, 4, torch.float32, batch=4)
+    _check_flash(backend, xs, cb, sb, interleaved=interleaved, cu_seqlens=cu, max_seqlen=5)
+
+
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+def test_flash_attn_signature_and_angle_gradients(backend):
+    from llmfast.flash_attn import apply_rotary_emb
+
+    assert apply_rotary_emb is LF.rotary_embedding
+    x = torch.randn(2, 3, 2, 8)
+    cos, sin = _flash_angles(6, 8, torch.float32)
+    with llmfast.backend(backend):   # flash-attn's positional order: interleaved, inplace, seqlen_offsets, ...
+        got = apply_rotary_emb(x, cos, sin, True, False, 3)
+    torch.testing.assert_close(got, _token_loop_ref(x, cos, sin, True, 3))
+    # cos/sin that require grad: the torch path, differentiable in them too (offsets and packed)
+    _check_flash(backend, x, cos, sin, grads=(True, True, True), seqlen_offsets=torch.tensor([1, 3]))
+    _check_flash(backend, x.flatten(0, 1), cos, sin, grads=(True, True, True), interleaved=True,
+                 cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32), max_seqlen=3, seqlen_offsets=1)
+
+
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+def test_inplace(backend):
+    B, S, H, D, R = 2, 3, 2, 10, 6
+    cos, sin = _flash_angles(S + 2, R, torch.float32)
+    base = torch.randn(B, S, H, D)
+    want = _token_loop_ref(base, cos, sin, False, 2)
+    with llmfast.backend(backend):
+        x = base.clone()
+        v = x._version
+        out = LF.rotary_embedding(x, cos, sin, False, True, 2)
+        assert out is x and x._version > v
+        torch.testing.assert_close(x, want)
+        # packed, in place: the padding tokens are untouched
+        xp = base.flatten(0, 1).clone()
+        cu = torch.tensor([0, 1, 4], dtype=torch.int32)
+        LF.rotary_embedding(xp, cos, sin, inplace=True, cu_seqlens=cu, max_seqlen=3, seqlen_offsets=torch.tensor([2, 0]))
+        torch.testing.assert_close(xp, _token_loop_ref(base.flatten(0, 1), cos, sin, False, [2, 0], cu.tolist()))
+        assert torch.equal(xp[4:], base.flatten(0, 1)[4:])
+
+        # gradients through the in-place result (x a non-leaf), for x and for cos/sin
+        w = base.clone().requires_grad_()
+        c1, s1 = cos.clone().requires_grad_(), sin.clone().requires_grad_()
+        y = w * 2
+        LF.rotary_embedding(y, c1, s1, inplace=True, seqlen_offsets=torch.tensor([1, 2]))
+        (y * base).sum().backward()
+    w2, c2, s2 = base.clone().requires_grad_(), cos.clone().requires_grad_(), sin.clone().requires_grad_()
+    (_token_loop_ref(w2 * 2, c2, s2, False, [1, 2]) * base).sum().backward()
+    for a, b in ((w, w2), (c1, c2), (s1, s2)):
+        torch.testing.assert_close(a.grad, b.grad)
+
+    # the version counter: a backward that saved x's old value raises, as after torch's in-place ops
+    scale = torch.randn(B, S, H, D, requires_grad=True)
+    with llmfast.backend(backend):
+        x = torch.randn(B, S, H, D)
+        z = x * scale                        # saves x for scale's gradient
+        LF.rotary_embedding(x, cos, sin, inplace=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            z.sum().backward()
+        with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+            LF.rotary_embedding(torch.randn(B, S, H, D, requires_grad=True), cos, sin, inplace=True)
+
+
+def test_offsets_and_cu_seqlens_bad_input():
+    x, cos = torch.randn(2, 3, 2, 8), torch.randn(5, 4)
+    f = LF.rotary_embedding
+    with pytest.raises(ValueError, match=r"seqlen_offsets = 3 .* outside the 5 rows"):
+        f(x, cos, cos, seqlen_offsets=3)
+    with pytest.raises(ValueError, match="seqlen_offsets = -1"):
+        f(x, cos, cos, seqlen_offsets=-1)
+    with pytest.raises(ValueError, match=r"seqlen_offsets\[1\] = 3 .* rows 3..5, outside the 5 rows"):
+        f(x, cos, cos, seqlen_offsets=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"seqlen_offsets\[0\] = -1"):
+        f(x, cos, cos, seqlen_offsets=torch.tensor([-1, 0], dtype=torch.int32))
+    with pytest.raises(TypeError, match="seqlen_offsets .* int32/int64"):
+        f(x, cos, cos, seqlen_offsets=torch.tensor([0.0, 1.0]))
+    with pytest.raises(TypeError, match="seqlen_offsets"):
+        f(x, cos, cos, seqlen_offsets=1.0)
+    with pytest.raises(ValueError, match=r"seqlen_offsets must have shape \[2\]"):
+        f(x, cos, cos, seqlen_offsets=torch.tensor([0, 1, 2]))
+    xp, cu = torch.randn(7, 2, 8), torch.tensor([0, 3, 6], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="cu_seqlens must be int32"):
+        f(xp, cos, cos, cu_seqlens=cu.long(), max_seqlen=3)
+    with pytest.raises(RuntimeError, match="more than max_seqlen = 2"):
+        f(xp, cos, cos, cu_seqlens=cu, max_seqlen=2)
+    with pytest.raises(TypeError, match="max_seqlen"):
+        f(xp, cos, cos, cu_seqlens=cu)
+    with pytest.raises(RuntimeError, match="beyond the packed buffer"):
+        f(xp[:5], cos, cos, cu_seqlens=cu, max_seqlen=3)
+    with pytest.raises(ValueError, match=r"\[total, H, D\]"):
+        f(x, cos, cos, cu_seqlens=cu, max_seqlen=3)
+    with pytest.raises(ValueError, match=r"S_ro >= 6 \(max_seqlen\)"):   # flash-attn: S_ro >= max_seqlen
+        f(xp, cos, cos, cu_seqlens=cu, max_seqlen=6)
+    with pytest.raises(ValueError, match=r"seqlen_offsets = 3 .* \(max_seqlen\)"):
+        f(xp, cos, cos, cu_seqlens=cu, max_seqlen=3, seqlen_offsets=3)
+    # a tensor offset is checked against each segment's own length: segment 1 (3 tokens) at 2..4 fits
+    f(xp, cos, cos, cu_seqlens=cu, max_seqlen=4, seqlen_offsets=torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match=r"seqlen_offsets\[1\] = 3"):
+        f(xp, cos, cos, cu_seqlens=cu, max_seqlen=4, seqlen_offsets=torch.tensor([2, 3]))
+
+
+@pytest.mark.skipif(not _BUILT, reason="llmfast._C not built")
+def test_torch_compile_fullgraph_offsets_and_inplace():
+    cos, sin = _flash_angles(8, 8, torch.float32)
+
+    def f(x, offsets):
+        a = LF.rotary_embedding(x, cos, sin, seqlen_offsets=2)
+        b = LF.rotary_embedding(x, cos, sin, True, seqlen_offsets=offsets)
+        c = LF.rotary_embedding(x * 1, cos, sin, inplace=True, seqlen_offsets=1)
+        return (a * 2).sum() + b.square().mean() + c.sum()
+
+    x, offsets = torch.randn(2, 5, 3, 8, requires_grad=True), torch.tensor([0, 3])
+    with llmfast.backend("cpu"):
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        compiled(x, offsets).backward()
+        got = x.grad.clone()
+        x.grad = None
+        f(x, offsets).backward()
+        torch.testing.assert_close(got, x.grad)
+        with pytest.raises(RuntimeError, match="seqlen_offsets out of range"):   # the device-side check
+            compiled(x, torch.tensor([0, 4]))

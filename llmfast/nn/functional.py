@@ -9,7 +9,7 @@ from __future__ import annotations
 import operator
 import math
 import warnings
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -700,6 +700,38 @@ def geglu(gate: Tensor, up: Optional[Tensor] = None, approximate: str = "tanh") 
 
 
 # ----------------------------------------------------------------------------------
+# Packed sequences (FlashAttention's varlen cu_seqlens): attention and rotary embedding
+
+
+def _check_cu_seqlens(name: str, arg: str, cu: Tensor, total: int, max_seqlen, like: Tensor,
+                      like_name: str = "q") -> list:
+    """The bounds of packed segments as a host list (one sync): int32 [batch + 1], from 0, non-decreasing,
+    ``cu[-1] <= total``, no segment longer than ``max_seqlen`` (FlashAttention's varlen arguments)."""
+    if not isinstance(cu, Tensor):
+        raise TypeError(f"{name}(): {arg} must be a Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise RuntimeError(f"{name}(): {arg} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise RuntimeError(f"{name}(): {arg} must be 1-D [batch + 1], got shape {tuple(cu.shape)}")
+    if cu.device != like.device:
+        raise RuntimeError(f"{name}(): {arg} is on {cu.device} but {like_name} is on {like.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"{name}(): max_seqlen for {arg} must be an int, got {type(max_seqlen).__name__}")
+    bounds = cu.tolist()  # a host sync: the segments decide the work
+    if bounds[0] != 0:
+        raise RuntimeError(f"{name}(): {arg} must start at 0, got {bounds[0]}")
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if any(n < 0 for n in lengths):
+        raise RuntimeError(f"{name}(): {arg} must be non-decreasing, got {bounds}")
+    if bounds[-1] > total:
+        raise RuntimeError(f"{name}(): {arg}[-1] = {bounds[-1]} is beyond the packed buffer of {total} tokens")
+    longest = max(lengths, default=0)
+    if longest > max_seqlen:
+        raise RuntimeError(f"{name}(): a segment of {arg} has {longest} tokens, more than max_seqlen = {max_seqlen}")
+    return bounds
+
+
+# ----------------------------------------------------------------------------------
 # Rotary position embedding
 
 
@@ -770,15 +802,38 @@ def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
     return (qo.transpose(1, 2), ko.transpose(1, 2)) if heads_first else (qo, ko)
 
 
-def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False) -> Tensor:
-    r"""flash-attn's ``apply_rotary_emb``: x ``[B, S, H, D]`` with its first ``rotary_dim`` features rotated.
+def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
+                     seqlen_offsets: Union[int, Tensor] = 0, cu_seqlens: Optional[Tensor] = None,
+                     max_seqlen: Optional[int] = None) -> Tensor:
+    r"""flash-attn's ``apply_rotary_emb`` (``flash_attn.layers.rotary``), FlashAttention's semantics.
+
+    Also importable as ``llmfast.flash_attn.apply_rotary_emb`` (the same function), the
+    drop-in for ``from flash_attn.layers.rotary import apply_rotary_emb``.
 
     Args:
-        x: ``[B, S, H, D]`` (any strides).
-        cos, sin: ``[S_ro, rotary_dim / 2]`` or ``[B, S_ro, rotary_dim / 2]`` (per batch row),
-            one angle per pair, ``S_ro >= S`` (the first S rows are used); x's dtype or float32.
+        x: ``[B, S, H, D]``, or packed ``[total, H, D]`` when ``cu_seqlens`` is given (any strides).
+        cos, sin: ``[S_ro, rotary_dim / 2]``, one angle per pair, or ``[B, S_ro, rotary_dim / 2]``
+            (per sequence; llmfast's extension); x's dtype or float32. ``S_ro`` must be at least S
+            (``max_seqlen`` when packed), as in flash-attn.
         interleaved: pair features ``(2i, 2i + 1)`` (GPT-J) instead of ``(i, i + rotary_dim / 2)``
             (GPT-NeoX, the default).
+        inplace: write the result into x and return x. Autograd sees an in-place op (x's version
+            counter is bumped: a backward that needs x's old value raises, and a leaf that
+            requires grad is refused, as for torch's in-place ops); gradients flow through it.
+            llmfast computes the rotation out of place and copies its first ``rotary_dim``
+            features back (one extra pass over them).
+        seqlen_offsets: int, or int32/int64 tensor ``[B]``: sequence b uses the rows
+            ``offsets[b] .. offsets[b] + S - 1`` of cos/sin (decoding with a KV cache). Checked to
+            stay inside the tables, never read out of bounds: an int needs ``0 <= offset`` and
+            ``offset + S <= S_ro`` (``S = max_seqlen`` when packed, flash-attn's rule); a tensor
+            needs ``0 <= offsets[b]`` and ``offsets[b] + len_b <= S_ro`` for every sequence, which
+            costs one host sync in eager mode (under torch.compile, a device-side assert instead).
+        cu_seqlens: int32 ``[batch + 1]``, from 0, non-decreasing, ``cu_seqlens[-1] <= total``:
+            segment b is ``x[cu_seqlens[b]:cu_seqlens[b + 1]]`` and its tokens take positions
+            ``0, 1, ...`` (plus ``seqlen_offsets[b]``). Tokens past ``cu_seqlens[-1]`` pass through
+            unchanged. Read on the host (one sync; a graph break under torch.compile), as
+            :func:`llmfast.flash_attn.flash_attn_varlen_func` does.
+        max_seqlen: with ``cu_seqlens``: at least the longest segment (checked).
 
     Features ``rotary_dim..D`` pass through. Output in x's dtype, math in fp32; differentiable
     in x (and in cos/sin, on the torch path, when they require grad).
@@ -786,13 +841,21 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool =
     name = "rotary_embedding"
     _check_float(name, "x", x)
     _check_angles(name, cos, sin, x, "x")
-    if x.dim() != 4:
-        raise ValueError(f"{name}(): x must be [B, S, H, D], got {list(x.shape)}")
-    B, S, _, D = x.shape
+    packed = cu_seqlens is not None
+    if x.dim() != (3 if packed else 4):
+        raise ValueError(f"{name}(): x must be " + ("[total, H, D] (packed: cu_seqlens is given)" if packed else
+                                                    "[B, S, H, D]") + f", got {list(x.shape)}")
+    if packed:
+        bounds = _check_cu_seqlens(name, "cu_seqlens", cu_seqlens, x.shape[0], max_seqlen, x, "x")
+        B, S, lengths = len(bounds) - 1, max_seqlen, [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    else:
+        B, S = x.shape[:2]
+    D = x.shape[-1]
     for t in (cos, sin):
         if t.dim() not in (2, 3) or (t.dim() == 3 and t.shape[0] not in (1, B)) or t.shape[-2] < S:
             raise ValueError(f"{name}(): cos and sin must be [S_ro, rotary_dim / 2] or [{B}, S_ro, rotary_dim / 2] "
-                             f"with S_ro >= {S}, got cos {list(cos.shape)} and sin {list(sin.shape)}")
+                             f"with S_ro >= {S}" + (" (max_seqlen)" if packed else "") +
+                             f", got cos {list(cos.shape)} and sin {list(sin.shape)}")
     R = 2 * cos.shape[-1]
     if R > D or R == 0:
         raise ValueError(f"{name}(): rotary_dim {R} (2 * cos.shape[-1]) must be in [2, head dim {D}]")
@@ -801,5 +864,31 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool =
             raise TypeError(f"{name}(): {arg} must have x's dtype ({x.dtype}) or float32, got {t.dtype}")
     if sin.dtype != cos.dtype:
         raise TypeError(f"{name}(): cos and sin must have the same dtype, got {cos.dtype} and {sin.dtype}")
-    c, s = (t[:S].unsqueeze(0) if t.dim() == 2 else t[:, :S] for t in (cos, sin))
-    return rope_op.rope(x, None, c, s, R, bool(interleaved))[0]
+    S_ro = cos.shape[-2]
+    if isinstance(seqlen_offsets, Tensor):
+        if seqlen_offsets.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name}(): seqlen_offsets must be an int or an int32/int64 tensor, got "
+                            f"{seqlen_offsets.dtype}")
+        if seqlen_offsets.shape != (B,):
+            raise ValueError(f"{name}(): seqlen_offsets must have shape [{B}] (one offset per sequence), got "
+                             f"{list(seqlen_offsets.shape)}")
+        if seqlen_offsets.device != x.device:
+            raise RuntimeError(f"{name}(): seqlen_offsets is on {seqlen_offsets.device} but x is on {x.device}")
+        ends = seqlen_offsets + (torch.tensor(lengths, dtype=seqlen_offsets.dtype, device=x.device) if packed else S)
+        if torch.compiler.is_compiling():  # no host read inside a graph: the check runs on the device
+            torch._assert_async(((seqlen_offsets >= 0) & (ends <= S_ro)).all(),
+                                f"{name}(): seqlen_offsets out of range of the {S_ro} rows of cos/sin")
+        else:
+            for b, (o, e) in enumerate(zip(seqlen_offsets.tolist(), ends.tolist())):  # the one host sync
+                if o < 0 or e > S_ro:
+                    raise ValueError(f"{name}(): seqlen_offsets[{b}] = {o} puts sequence {b} at rows {o}..{e - 1}, "
+                                     f"outside the {S_ro} rows of cos/sin")
+    elif isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, int):
+        raise TypeError(f"{name}(): seqlen_offsets must be an int or an int32/int64 tensor, got "
+                        f"{type(seqlen_offsets).__name__}")
+    elif seqlen_offsets < 0 or seqlen_offsets + S > S_ro:
+        raise ValueError(f"{name}(): seqlen_offsets = {seqlen_offsets} puts the sequences at rows {seqlen_offsets}.."
+                         f"{seqlen_offsets + S - 1}" + (" (max_seqlen)" if packed else "") +
+                         f", outside the {S_ro} rows of cos/sin")
+    return rope_op.apply_rotary(x, cos, sin, bool(interleaved), bool(inplace), seqlen_offsets,
+                                cu_seqlens, bounds[-1] if packed else 0)

@@ -126,3 +126,54 @@ def rope(q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor, rotary_dim: i
     k = None if k is None else unit_last_stride(k)
     qo, ko = rope_fwd.on(which, q.device.type)(unit_last_stride(q), k, cos, sin, rotary_dim, interleaved)
     return qo, (None if k is None else ko)
+
+
+def _rows(t: Tensor, seq: Optional[Tensor], pos: Tensor) -> Tensor:
+    """Rows ``pos`` of a table ``t`` [S_ro, W] or [N or 1, S_ro, W] (sequence ``seq``, broadcast with pos)."""
+    if t.dim() == 2:
+        return t[pos]
+    return t[0][pos] if t.shape[0] == 1 else t[seq, pos]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inplace: bool,
+                 seqlen_offsets, cu_seqlens: Optional[Tensor], total: int) -> Tensor:
+    """flash-attn's ``apply_rotary_emb`` on checked arguments, as one :func:`rope` call.
+
+    Each token's angles are brought to the canonical per-row tables [B, S, W]: a view of
+    cos/sin for an int offset without ``cu_seqlens`` (no copy), else one gather
+    (``[B, S]`` positions ``offsets[b] + s``; packed: token i of segment b at position
+    ``i - cu_seqlens[b] + offsets[b]``). x [B, S, H, D], or packed [T, H, D] with
+    ``total = cu_seqlens[-1]`` tokens to rotate (the rest pass through). Positions are
+    assumed in range (checked by ``llmfast.nn.functional.rotary_embedding``).
+    """
+    R = 2 * cos.shape[-1]
+    if cu_seqlens is None:
+        rows = x                                                           # [B, S, H, D]
+        B, S = x.shape[:2]
+        if isinstance(seqlen_offsets, int):  # one window of the tables, shared by the batch
+            c, s = (t[seqlen_offsets:seqlen_offsets + S].unsqueeze(0) if t.dim() == 2
+                    else t[:, seqlen_offsets:seqlen_offsets + S] for t in (cos, sin))
+        else:
+            seq = torch.arange(B, device=x.device)[:, None]
+            pos = seqlen_offsets.long()[:, None] + torch.arange(S, device=x.device)   # [B, S]
+            c, s = (_rows(t, seq, pos) for t in (cos, sin))
+    else:
+        rows = x[:total].unsqueeze(0)                                      # [1, total, H, D], a view
+        token = torch.arange(total, dtype=cu_seqlens.dtype, device=x.device)
+        seq = torch.searchsorted(cu_seqlens, token, right=True) - 1        # the segment of each token (skips empty ones)
+        pos = (token - cu_seqlens[seq]).long()
+        pos = pos + (seqlen_offsets if isinstance(seqlen_offsets, int) else seqlen_offsets.long()[seq])
+        c, s = (_rows(t, seq, pos).unsqueeze(0) for t in (cos, sin))
+    angle_grad = c.requires_grad or s.requires_grad
+    # In place: the torch path differentiating cos/sin saves x's rotated features, which the
+    # copy below overwrites; rotate a copy then (the kernels save only cos and sin).
+    src = rows.clone() if inplace and angle_grad else rows
+    out = rope(src, None, c, s, R, interleaved)[0]
+    if inplace:
+        # copy_ bumps x's version counter and records the write for autograd, as torch's in-place ops do
+        rows[..., :R].copy_(out[..., :R])
+        return x
+    if cu_seqlens is None:
+        return out
+    out = out[0]
+    return torch.cat((out, x[total:])) if total < x.shape[0] else out
