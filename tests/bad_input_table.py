@@ -289,6 +289,34 @@ def tables() -> list[Table]:
     t.bad("rank/cos", "cos", lambda g: _x(1, 2, 7, 3))
     t.ok("empty/seq", lambda g: dict(x=_x(2, 0, 3, 8)))
     t.ok("float64/all", lambda g: {k: v.double() for k, v in g.items()})
+    # flash-attn's seqlen_offsets (cos/sin have 7 rows for S = 5) and packed sequences
+    t.bad("range/seqlen_offsets", "seqlen_offsets", lambda g: 3)
+    t.bad("negative/seqlen_offsets", "seqlen_offsets", lambda g: -1)
+    t.bad("range/seqlen_offsets_tensor", "seqlen_offsets", lambda g: _i32([0, 3]))
+    t.bad("negative/seqlen_offsets_tensor", "seqlen_offsets", lambda g: _i32([-1, 0]))
+    t.bad("float/seqlen_offsets", "seqlen_offsets", lambda g: torch.tensor([0.0, 1.0]))
+    t.bad("shape/seqlen_offsets", "seqlen_offsets", lambda g: _i32([0, 1, 2]))
+    t.bad("meta/seqlen_offsets", "seqlen_offsets", lambda g: _i32([0, 1]).to("meta"))
+    t.bad("type/seqlen_offsets", "seqlen_offsets", lambda g: 1.0)
+    t.ok("tensor/seqlen_offsets", lambda g: dict(seqlen_offsets=torch.tensor([2, 0])))
+
+    def packed(**kw):
+        return lambda g: dict(dict(x=_x(9, 3, 8), cu_seqlens=_i32([0, 4, 7]), max_seqlen=5), **kw)
+    t.ok("packed/ok", packed())
+    t.ok("packed/empty_segments", packed(cu_seqlens=_i32([0, 0, 0]), x=_x(0, 3, 8)))
+    t.bad_many("int64/cu_seqlens", packed(cu_seqlens=torch.tensor([0, 4, 7])), ("cu_seqlens",))
+    t.bad_many("list/cu_seqlens", packed(cu_seqlens=[0, 4, 7]), ("cu_seqlens",))
+    t.bad_many("meta/cu_seqlens", packed(cu_seqlens=_i32([0, 4, 7]).to("meta")), ("cu_seqlens",))
+    t.bad_many("range/cu_seqlens", packed(cu_seqlens=_i32([0, 4, 10])), ("cu_seqlens",))
+    t.bad_many("negative/cu_seqlens", packed(cu_seqlens=_i32([0, -1, 7])), ("cu_seqlens",))
+    t.bad_many("start/cu_seqlens", packed(cu_seqlens=_i32([1, 4, 7])), ("cu_seqlens",))
+    t.bad_many("short/max_seqlen", packed(max_seqlen=3), ("max_seqlen",))
+    t.bad_many("missing/max_seqlen", packed(max_seqlen=None), ("max_seqlen",))
+    t.bad_many("long/max_seqlen", packed(max_seqlen=8), ("cos",))                      # S_ro = 7 < max_seqlen
+    t.bad_many("rank/x_packed", packed(x=_x(2, 5, 3, 8)), ("x",))
+    t.bad_many("range/seqlen_offsets_packed", packed(seqlen_offsets=_i32([4, 4])), ("seqlen_offsets",))
+    t.bad_many("shape/seqlen_offsets_packed", packed(seqlen_offsets=_i32([0, 0, 0])), ("seqlen_offsets",))
+    t.bad_many("batch/cos_packed", packed(cos=_x(3, 7, 3), sin=_x(3, 7, 3)), ("cos",))
     out.append(t)
     # ---------------------------------------------------------------- flash_attn_varlen_func
     t = Table("flash_attn_varlen_func", FA.flash_attn_varlen_func,

@@ -1,6 +1,7 @@
 """Property tests: apply_rotary_pos_emb (Hugging Face's: heads on dim 1 or 2, GQA, partial
 rotary, per-batch angles, angles in fp32 or the input's dtype) and rotary_embedding
-(flash-attn's: NeoX or GPT-J pairing, [S_ro, R/2] or per-batch angles) on every backend."""
+(flash-attn's apply_rotary_emb: NeoX or GPT-J pairing, [S_ro, R/2] or per-batch angles, int or
+per-sequence seqlen_offsets, packed sequences with cu_seqlens) on every backend."""
 import torch
 from hypothesis import strategies as st
 
@@ -19,7 +20,8 @@ def cases(draw, budget, nonfinite=True):
     return dict(B=B, S=S, H=H, Hk=Hk, D=D, R=R, dtype=draw(DTYPES), seed=draw(seeds()),
                 plant=draw(specials(nonfinite=nonfinite)), heads_first=draw(st.booleans()),
                 angles_fp32=draw(st.booleans()), per_batch=draw(st.booleans()), interleaved=draw(st.booleans()),
-                extra_rows=draw(st.sampled_from([0, 0, 3])), layout=draw(layouts()))
+                extra_rows=draw(st.sampled_from([0, 0, 3])), layout=draw(layouts()),
+                offsets=draw(st.sampled_from(["none", "int", "tensor"])), packed=draw(st.booleans()))
 
 
 def _angles(case, rows, half):
@@ -59,12 +61,23 @@ def hf_prop(backend, case):
 
 def fa_prop(backend, case):
     B, S, H, D, R, dt = (case[k] for k in ("B", "S", "H", "D", "R", "dtype"))
-    x = tensor((B, S, H, D), dt, case["seed"], case["plant"])
-    cos, sin = _angles(case, S + case["extra_rows"], R // 2)
+    g = torch.Generator().manual_seed(case["seed"] + 3)
+    shift = {"none": 0, "int": 2, "tensor": torch.randint(0, 3, (B,), generator=g, dtype=torch.int32)}[case["offsets"]]
+    kw = dict(interleaved=case["interleaved"], seqlen_offsets=shift)
+    if case["packed"]:   # B segments of 0..S tokens, then extra_rows tokens of padding that pass through
+        lengths = torch.randint(0, S + 1, (B,), generator=g)
+        cu = torch.cat((torch.zeros(1, dtype=torch.int64), lengths.cumsum(0))).to(torch.int32)
+        x = tensor((int(cu[-1]) + case["extra_rows"], H, D), dt, case["seed"], case["plant"])
+        kw.update(cu_seqlens=cu.to(x.device), max_seqlen=S)
+    else:
+        x = tensor((B, S, H, D), dt, case["seed"], case["plant"])
+    if isinstance(shift, torch.Tensor):
+        kw["seqlen_offsets"] = shift.to(x.device)
+    cos, sin = _angles(case, S + case["extra_rows"] + (0 if case["offsets"] == "none" else 2), R // 2)
     if not case["per_batch"]:
         cos, sin = cos[0], sin[0]                               # [S_ro, R/2]
-    check(lambda x, c, s: LF.rotary_embedding(lay(x, case["layout"]), c, s, interleaved=case["interleaved"]),
-          [x, cos, sin], backend, grad=[True, False, False])
+    check(lambda x, c, s: LF.rotary_embedding(lay(x, case["layout"]), c, s, **kw), [x, cos, sin], backend,
+          grad=[True, False, False])
 
 
 test_fuzz_apply_rotary_pos_emb, test_fuzz_apply_rotary_pos_emb_long = fuzz_tests("apply_rotary_pos_emb", "rope",
