@@ -381,20 +381,23 @@ def _token_loop_ref(x, cos, sin, interleaved, offsets=0, cu=None):
 def _check_flash(backend, x, cos, sin, grads=(True, False, False), **kw):
     """fn = rotary_embedding(x, cos, sin, **kw) on ``backend`` against the token loop in float64, with the
     FlashAttention rule (error <= 2x the loop's own error in x's dtype + atol), forward and every gradient."""
-    ref_kw = dict(interleaved=kw.get("interleaved", False), cu=kw["cu_seqlens"].tolist() if "cu_seqlens" in kw else None)
-    off = kw.get("seqlen_offsets", 0)
-    ref_kw["offsets"] = off.tolist() if isinstance(off, torch.Tensor) else off
+    off, cu = kw.get("seqlen_offsets", 0), kw.get("cu_seqlens")
+    ref_kw = dict(interleaved=kw.get("interleaved", False), cu=None if cu is None else cu.tolist(),
+                  offsets=off.tolist() if isinstance(off, torch.Tensor) else off)
     cot = torch.randn(x.shape, dtype=torch.float64)
     runs = []
-    for fn, dt in ((lambda *a: _token_loop_ref(*a, **ref_kw), torch.float64), (lambda *a: _token_loop_ref(*a, **ref_kw), None),
-                   (lambda *a: LF.rotary_embedding(*a, **kw), None)):
+
+    def loop(*a):
+        return _token_loop_ref(*a, **ref_kw)
+    for fn, dt in ((loop, torch.float64), (loop, None), (lambda *a: LF.rotary_embedding(*a, **kw), None)):
         args = [t.detach().to(dt or t.dtype).clone().requires_grad_(g) for t, g in zip((x, cos, sin), grads)]
-        with llmfast.backend(backend if dt is None else "torch"):
+        with llmfast.backend(backend):   # (the loops use no llmfast code)
             out = fn(*args)
             diff = [a for a in args if a.requires_grad]
             got = torch.autograd.grad(out, diff, cot.to(out.dtype)) if diff else ()
         runs.append([out.detach()] + [g for g in got])
     ref, same_dtype, mine = runs
+    assert len(ref) == len(same_dtype) == len(mine) == 1 + sum(grads)
     atol = ATOL[x.dtype]
     for i, (r, b, m) in enumerate(zip(ref, same_dtype, mine)):
         assert m.dtype == b.dtype, (i, m.dtype, b.dtype)
@@ -470,7 +473,8 @@ def test_inplace(backend):
         # packed, in place: the padding tokens are untouched
         xp = base.flatten(0, 1).clone()
         cu = torch.tensor([0, 1, 4], dtype=torch.int32)
-        LF.rotary_embedding(xp, cos, sin, inplace=True, cu_seqlens=cu, max_seqlen=3, seqlen_offsets=torch.tensor([2, 0]))
+        LF.rotary_embedding(xp, cos, sin, inplace=True, cu_seqlens=cu, max_seqlen=3,
+                            seqlen_offsets=torch.tensor([2, 0]))
         torch.testing.assert_close(xp, _token_loop_ref(base.flatten(0, 1), cos, sin, False, [2, 0], cu.tolist()))
         assert torch.equal(xp[4:], base.flatten(0, 1)[4:])
 

@@ -833,7 +833,8 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
             ``0, 1, ...`` (plus ``seqlen_offsets[b]``). Tokens past ``cu_seqlens[-1]`` pass through
             unchanged. Read on the host (one sync; a graph break under torch.compile), as
             :func:`llmfast.flash_attn.flash_attn_varlen_func` does.
-        max_seqlen: with ``cu_seqlens``: at least the longest segment (checked).
+        max_seqlen: with ``cu_seqlens``: at least the longest segment (checked); ignored without it, as in
+            flash-attn.
 
     Features ``rotary_dim..D`` pass through. Output in x's dtype, math in fp32; differentiable
     in x (and in cos/sin, on the torch path, when they require grad).

@@ -160,7 +160,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inplace
     else:
         rows = x[:total].unsqueeze(0)                                      # [1, total, H, D], a view
         token = torch.arange(total, dtype=cu_seqlens.dtype, device=x.device)
-        seq = torch.searchsorted(cu_seqlens, token, right=True) - 1        # the segment of each token (skips empty ones)
+        seq = torch.searchsorted(cu_seqlens, token, right=True) - 1        # each token's segment (never an empty one)
         pos = (token - cu_seqlens[seq]).long()
         pos = pos + (seqlen_offsets if isinstance(seqlen_offsets, int) else seqlen_offsets.long()[seq])
         c, s = (_rows(t, seq, pos).unsqueeze(0) for t in (cos, sin))
