@@ -143,9 +143,22 @@ def checks():
         f = _angles(x, x.shape[1], 32, per_row=False)[0]  # [S, 32]: rotary_dim 64 of 80
         return LF.rotary_embedding(x, f.cos().to(x.dtype), f.sin().to(x.dtype), interleaved=interleaved)
 
+    def flash_at(x, packed):
+        # flash-attn's per-sequence seqlen_offsets, and packed sequences (29, 0, 1 and 40 tokens
+        # of x's 87, the last 17 padding) with offsets up to the tables' last row (S_ro = 48)
+        f = _angles(x, 48, 32, per_row=False)[0]
+        c, s = f.cos().to(x.dtype), f.sin().to(x.dtype)
+        if not packed:
+            return LF.rotary_embedding(x, c, s, seqlen_offsets=torch.tensor([0, 19, 5], device=x.device))
+        cu = torch.tensor([0, 29, 29, 30, 70], dtype=torch.int32, device=x.device)
+        off = torch.tensor([3, 0, 47, 8], dtype=torch.int32, device=x.device)
+        return LF.rotary_embedding(x.flatten(0, 1), c, s, True, cu_seqlens=cu, max_seqlen=40, seqlen_offsets=off)
+
     return [
         ("rope apply_rotary_pos_emb", qk, lambda q, k: hf(q, k, 96)),
         ("rope apply_rotary_pos_emb partial", qk, lambda q, k: hf(q, k, 32)),
         ("rope rotary_embedding", x, lambda t: flash(t, False)),
         ("rope rotary_embedding interleaved", x, lambda t: flash(t, True)),
+        ("rope rotary_embedding seqlen_offsets", x, lambda t: flash_at(t, False)),
+        ("rope rotary_embedding cu_seqlens", x, lambda t: flash_at(t, True)),
     ]
