@@ -478,7 +478,15 @@ def test_inplace(backend):
         torch.testing.assert_close(xp, _token_loop_ref(base.flatten(0, 1), cos, sin, False, [2, 0], cu.tolist()))
         assert torch.equal(xp[4:], base.flatten(0, 1)[4:])
 
-        # gradients through the in-place result (x a non-leaf), for x and for cos/sin
+        # gradients through the in-place result (x a non-leaf): the kernels', for x alone
+        w = base.clone().requires_grad_()
+        y = w * 2
+        LF.rotary_embedding(y, cos, sin, True, True, 1)
+        (y * base).sum().backward()
+        w2 = base.clone().requires_grad_()
+        (_token_loop_ref(w2 * 2, cos, sin, True, 1) * base).sum().backward()
+        torch.testing.assert_close(w.grad, w2.grad)
+        # ... and the torch path's, for x and for cos/sin that require grad
         w = base.clone().requires_grad_()
         c1, s1 = cos.clone().requires_grad_(), sin.clone().requires_grad_()
         y = w * 2
