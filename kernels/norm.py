@@ -227,9 +227,10 @@ def _norm_bwd_kernel(X_ptr, W_ptr, DY_ptr, DS_ptr, DX_ptr, Mean_ptr, Rstd_ptr, D
             c2 = tl.sum(g * xh, axis=1) / N
             if CENTERED:
                 dx = (g - (tl.sum(g, axis=1) / N)[:, None] - xh * c2[:, None]) * rstd
-                # one feature: dx is exactly 0, but fp fusion would make g - mean(g) one
-                # rounding of dy * w (times rstd = 1/sqrt(eps)), as in the C++ kernels
-                dx = tl.where(N == 1, 0.0, dx)
+                # one feature: dx is exactly 0 (NaN for non-finite x, dy or rstd, as in torch),
+                # but fp fusion would make g - mean(g) one rounding of dy * w (times
+                # rstd = 1/sqrt(eps)), as in the C++ kernels
+                dx = tl.where(N == 1, 0.0 * (xh + g), dx)
             else:
                 dx = (g - xh * c2[:, None]) * rstd
             if HAS_DS:

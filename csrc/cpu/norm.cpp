@@ -431,12 +431,13 @@ void norm_bwd_rows(const Tensor& dy, const Tensor& ds, const Tensor& x, const Te
           scalar_t* const dx_dst = dxp + (m + r) * N;
           acc_t* dxr = dx_out.acc_row(dx_dst);
           auto out = [&](int64_t j, int64_t cnt) {
-            // LayerNorm over one feature: x_hat = 0 and g = mean(g), so dx is exactly 0; the
-            // formula would give rs * (one rounding of d * w): the compiler contracts
-            // d * w - c1 into an fma here but not in pass 1's sum (3e-5 at eps = 1e-5)
-            if (CENTERED && N == 1) return Vec(acc_t(0));
             Vec g = Vec::loadu(g_r + j, cnt);
             if constexpr (HW) g = g * Vec::loadu(wp + j, cnt);
+            // LayerNorm over one feature: x_hat = 0 and g = mean(g), so dx is exactly 0 (NaN
+            // when x, dy or rstd is not finite, as in torch); the formula would give rs * (one
+            // rounding of d * w): the compiler contracts d * w - c1 into an fma here but not in
+            // pass 1's sum (1.5e-5 at eps = 1e-5)
+            if (CENTERED && N == 1) return (x_hat(r, j, cnt) + g) * Vec(acc_t(0));
             return at::vec::fnmadd(x_hat(r, j, cnt), c2, CENTERED ? g - c1 : g) * rs;
           };
           if (dsr) {

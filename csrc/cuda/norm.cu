@@ -220,9 +220,10 @@ __global__ void _norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__
       const float xh = x_hat(j);
       const float d = to_float(gr[j]);
       const float g = w ? d * w[j] : d;
-      // one feature (LayerNorm): dx is exactly 0, but with fmad contraction g - c1 would be
-      // one rounding of d * w (the sum above rounds it), times rs = 1/sqrt(eps)
-      float o = (CENTERED && N == 1) ? 0.f : ((CENTERED ? g - c1 : g) - xh * c2) * rs;
+      // one feature (LayerNorm): dx is exactly 0 (NaN for non-finite x, dy or rs, as in torch),
+      // but with fmad contraction g - c1 would be one rounding of d * w (the sum above rounds
+      // it), times rs = 1/sqrt(eps)
+      float o = (CENTERED && N == 1) ? 0.f * (xh + g) : ((CENTERED ? g - c1 : g) - xh * c2) * rs;
       if (dsr) o += to_float(dsr[j]);
       dxr[j] = from_float<T>(o);
     }

@@ -129,6 +129,12 @@ def _rows(t: Tensor, N: int) -> Tensor:
     return t2
 
 
+def _param(t: Optional[Tensor], N: int) -> Optional[Tensor]:
+    """A weight/bias as the kernels read it: [N], dense. An expanded parameter (stride 0, as
+    ``w.expand(N)``) is copied: the Triton kernel read N elements past a 1-element one."""
+    return None if t is None else t.reshape(N).contiguous()
+
+
 def _norm(op, x, normalized_shape, weight, bias, eps, residual, centered):
     which = backends.resolve(op, x)
     if which == "torch" or x.numel() == 0:
@@ -137,8 +143,7 @@ def _norm(op, x, normalized_shape, weight, bias, eps, residual, centered):
         return reference.rms_norm(x, normalized_shape, weight, eps, residual=residual)
     N = math.prod(normalized_shape)
     r2 = _rows(residual, N) if residual is not None else None
-    w = weight.reshape(N) if weight is not None else None
-    b = bias.reshape(N) if bias is not None else None
+    w, b = _param(weight, N), _param(bias, N)
     y, s, _, _ = norm_fwd.on(which, x.device.type)(_rows(x, N), r2, w, b, float(eps), centered)
     y = y.view(x.shape)
     return y if residual is None else (y, s.view(x.shape))
@@ -182,8 +187,7 @@ def norm_(op: str, x: Tensor, normalized_shape, weight, bias, eps, residual, out
         dst.copy_(reference.layer_norm(s, normalized_shape, weight, bias, eps) if centered
                   else reference.rms_norm(s, normalized_shape, weight, eps))
     else:
-        w = weight.reshape(N) if weight is not None else None
-        b = bias.reshape(N) if bias is not None else None
+        w, b = _param(weight, N), _param(bias, N)
         norm_add_.on(which, x.device.type)(views[0], views[1], views[2], w, b, float(eps), centered)
     return dst if residual is None else (dst, residual)
 
