@@ -110,16 +110,6 @@ inline void check_attention_options(const char* op, const Tensor& q, int64_t win
   if (defined(sinks)) check_vector(op, "sinks", *sinks, q.size(1), at::kFloat, q);
 }
 
-// Kernels that implement plain (top-left causal) attention only: the op layer routes calls
-// with a window, bottom-right causal, softcap or sinks elsewhere (OpSpec.features); a direct
-// call with them is refused rather than answered wrongly.
-inline void check_attention_plain(const char* op, int64_t window_left, int64_t window_right, bool bottom_right,
-                                  double softcap, const std::optional<Tensor>& sinks) {
-  TORCH_CHECK(window_left == -1 && window_right == -1 && !bottom_right && softcap == 0.0 && !defined(sinks), op,
-              ": window, bottom_right, softcap and sinks are not implemented by these kernels ",
-              "(use the cpu or torch backend)");
-}
-
 // norm_fwd's arguments (llmfast/ops/norm.py): input [M, N] rows; residual None or like input;
 // weight, bias None or per-column parameters, bias only when centered (LayerNorm). Returns
 // (weight, bias) as acc_param does.

@@ -40,7 +40,8 @@ def fwd(q, k, v, mask=None, scale=None, causal=False, dropout_p=0.0, seed=0):
 
 def bwd(dout, q, k, v, out, lse, mask=None, scale=None, causal=False, dropout_p=0.0, seed=0):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    # (dq, dk, dv); the 4th output, dsinks, is empty: these kernels take no sinks
+    # (dq, dk, dv); the 4th output, dsinks, is empty without sinks (the options beyond SDPA:
+    # tests/test_attention_variants.py, and test_attention_cuda_options_deterministic below)
     return attention_bwd.on("cuda", DEV)(dout, q, k, v, out, lse, mask, scale, causal, dropout_p, seed)[:3]
 
 
@@ -232,6 +233,24 @@ def test_attention_cuda_deterministic(dtype):
     g2 = bwd(dout, q, k, v, out2, lse2, causal=True, dropout_p=0.1, seed=7)
     assert torch.equal(out, out2) and torch.equal(lse, lse2)
     for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_attention_cuda_options_deterministic(dtype):
+    # bottom-right causal window, softcap and sinks: the same bits twice, dsinks included (a fixed
+    # per-head reduction, no atomics); under emulation the fibers run in a random order
+    q, k, v, dout = make(2, 8, 2, 300, 333, 128, 128, dtype) if ON_GPU else make(1, 4, 2, 100, 140, 64, 64, dtype)
+    sinks = torch.randn(q.shape[1], device=DEV)
+    opts = (70, -1, True, 5.0, sinks)  # window_left, window_right, bottom_right, softcap, sinks
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    runs = []
+    for _ in range(2):
+        out, lse = attention_fwd.on("cuda", DEV)(q, k, v, None, scale, True, 0.1, 7, *opts)
+        runs.append((out, lse) + tuple(attention_bwd.on("cuda", DEV)(dout, q, k, v, out, lse, None, scale, True,
+                                                                      0.1, 7, *opts)))
+    assert runs[0][-1].shape == (q.shape[1],) and runs[0][-1].dtype == torch.float32
+    for a, b in zip(*runs):
         assert torch.equal(a, b)
 
 

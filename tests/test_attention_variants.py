@@ -107,34 +107,39 @@ def test_cpu_kernel_many_blocks(backend, dtype, L, S, causal, window):
     check(_fa(causal=causal, window_size=window, softcap=8.0), [q, k, v, sinks], backend)
 
 
-TRITON = [p for p in BACKENDS if p.values[0] == "triton"]
+# The tiled GPU kernels (Triton's, and CUDA's: emulated on CPU tensors), both with 64-row and
+# 64-key tiles here.
+TILED = [p for p in BACKENDS if p.values[0] in ("triton", "cuda")]
 
 
-@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("backend", TILED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("L,S,causal,window", [
     (150, 90, True, (40, -1)), (90, 150, False, (20, 70)),
-    pytest.param(140, 140, False, (-1, -1), marks=pytest.mark.slow)], ids=["causal+left", "band", "plain"])
-def test_triton_many_blocks(backend, dtype, L, S, causal, window):
+    (200, 200, True, (140, -1)),
+    pytest.param(140, 140, False, (-1, -1), marks=pytest.mark.slow)], ids=["causal+left", "band", "wide", "plain"])
+def test_tiled_kernels_many_blocks(backend, dtype, L, S, causal, window):
     # more than one 64-row / 64-key tile each way: loops that start and end inside the band,
-    # tiles wholly inside it (no checks), kv blocks no query sees (zero dk/dv), Sq > Sk
+    # tiles wholly inside it (no checks: "wide"), kv blocks no query sees (zero dk/dv), Sq > Sk
     # bottom-right, GQA, softcap and sinks together
     q, k, v = _bshd(1, L, S, 4, 2, 16, dtype=dtype, scale=1.5)
     sinks = torch.randn(4, device=DEVICE)
     check(_fa(causal=causal, window_size=window, softcap=6.0), [q, k, v, sinks], backend)
 
 
-@pytest.mark.parametrize("backend", TRITON)
-def test_triton_window_skips_tiles_outside_the_band(backend):
+@pytest.mark.parametrize("backend", TILED)
+def test_tiled_kernels_skip_tiles_outside_the_band(backend):
     # Work proportional to the window: keys 0..63 are NaN, and query rows >= 128 of a causal
-    # window of 10 see no key below 118, so with key tiles of at most 64 (the interpreter's)
-    # their loops must never touch tile [0, 64): a masked full loop would give 0 * NaN = NaN.
+    # window of 10 see no key below 118, so with key tiles of at most 64 (the interpreter's
+    # and the CUDA kernels') their loops must never touch tile [0, 64): a masked full loop
+    # would give 0 * NaN = NaN. Query rows 0..63 are NaN too: the dK/dV loops of the keys
+    # >= 128 (seen by rows >= 128 only) must never touch their tile either.
     q, k, v = (t.detach() for t in _bshd(1, 320, 320, 1, 1, 16))
-    kp, vp = k.clone(), v.clone()
-    kp[:, :64], vp[:, :64] = float("nan"), float("nan")
+    qp, kp, vp = q.clone(), k.clone(), v.clone()
+    qp[:, :64], kp[:, :64], vp[:, :64] = float("nan"), float("nan"), float("nan")
     fn = _fa(causal=True, window_size=(10, -1))
     with llmfast.backend(backend):
-        got = [t.requires_grad_() for t in (q.clone(), kp, vp)]
+        got = [t.requires_grad_() for t in (qp, kp, vp)]
         out = fn(*got)
         out.backward(torch.ones_like(out))
     want = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -154,7 +159,7 @@ def test_window_larger_than_sequence_and_window_as_causal(backend):
         torch.testing.assert_close(flash_attn_func(q, k, v, window_size=(22, 0)), flash_attn_func(q, k, v, causal=True))
 
 
-@pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_causal_more_queries_than_keys_gives_zero_rows(backend):
     # bottom-right causal with Sq > Sk: the first Sq - Sk query rows see no key at all
     q, k, v = _bshd(1, 20, 7, 2, 2, 16)
@@ -163,6 +168,22 @@ def test_causal_more_queries_than_keys_gives_zero_rows(backend):
         out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
     assert torch.all(out[:, :13] == 0) and torch.all(torch.isneginf(lse[:, :, :13]))
     assert torch.isfinite(out).all() and res.ok
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_without_keys_with_sinks(backend):
+    # rows that see no key still see the sink: out = 0, lse = sink, zero gradients (dq and
+    # their share of dsinks: delta = dO.out = 0), and finite everything
+    q, k, v = _bshd(1, 20, 7, 2, 2, 16)
+    sinks = torch.tensor([0.5, -2.0], device=DEVICE)
+    res = check(_fa(causal=True), [q, k, v, sinks], backend)
+    qq, kk, vv, ss = (t.detach().clone().requires_grad_() for t in (q, k, v, sinks))
+    with llmfast.backend(backend):
+        out, lse, _ = flash_attn_func(qq, kk, vv, causal=True, return_attn_probs=True, sinks=ss)
+        out.square().sum().backward()
+    torch.testing.assert_close(lse[0, :, :13], sinks.view(2, 1).expand(2, 13))
+    assert torch.all(out[:, :13] == 0) and torch.all(qq.grad[:, :13] == 0)
+    assert all(torch.isfinite(t).all() for t in (out, qq.grad, kk.grad, vv.grad, ss.grad)) and res.ok
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -195,18 +216,20 @@ def test_return_attn_probs_layouts():
 # Routing: kernels that lack an option never see it
 
 
-def test_features_route_unsupported_options():
+def test_features_route_unsupported_options(monkeypatch):
     spec = backends.OPS["attention"]
     every = attention_op.FEATURES
-    assert spec.supports("torch", every) and spec.supports("cpu", every) and spec.supports("triton", every)
+    assert all(spec.supports(b, every) for b in ("torch", "cpu", "triton", "cuda"))
+    # a backend whose kernels lacked an option would be passed over for one that implements it
+    # (resolve's uncached body: the cache must not keep this pretend answer)
+    monkeypatch.setitem(spec.features, "cuda", frozenset())
     assert not spec.supports("cuda", frozenset({"window"}))
+    assert backends._resolve.__wrapped__("attention", "cpu", torch.float32, "cuda", frozenset({"window"})) == "torch"
+    monkeypatch.undo()
+    # the plain call goes to the kernels, and now so does every option
     with llmfast.backend("cuda"):
-        # a window on the cuda backend resolves to a backend that implements it
-        got = backends.resolve("attention", torch.empty(1), frozenset({"window"}))
-    assert got == "torch"
-    # the plain call still goes to the kernels
-    with llmfast.backend("cuda"):
-        assert backends.resolve("attention", torch.empty(1)) in ("cuda", "torch")
+        plain = backends.resolve("attention", torch.empty(1))
+        assert plain in ("cuda", "torch") and backends.resolve("attention", torch.empty(1), every) == plain
 
 
 def test_canonical_band_drops_what_changes_nothing():
@@ -218,12 +241,25 @@ def test_canonical_band_drops_what_changes_nothing():
     assert band(4, 9, False, (-1, -1), True) == (False, -1, -1, False)    # ... but not without a band
 
 
-def test_native_kernels_refuse_unimplemented_options():
+def test_native_kernels_check_options():
     q = torch.randn(1, 2, 5, 8)
     with pytest.raises(RuntimeError, match="window bounds must be >= -1"):
         torch.ops.llmfast.attention_fwd(q, q, q, None, 0.3, False, 0.0, 0, -2, -1, False, 0.0, None)
     with pytest.raises(RuntimeError, match="sinks must be a \\[2\\]"):
         torch.ops.llmfast.attention_fwd(q, q, q, None, 0.3, False, 0.0, 0, -1, -1, False, 0.0, torch.zeros(3))
+    if attention_op.attention_fwd.emu:  # the CUDA binding's checks, emulated
+        fwd, bwd = attention_op.attention_fwd.on("cuda", "cpu"), attention_op.attention_bwd.on("cuda", "cpu")
+        with pytest.raises(RuntimeError, match="llmfast::attention_fwd: window bounds must be >= -1"):
+            fwd(q, q, q, None, 0.3, False, 0.0, 0, -1, -4, False, 0.0, None)
+        with pytest.raises(RuntimeError, match="llmfast::attention_fwd: softcap must be finite and >= 0"):
+            fwd(q, q, q, None, 0.3, False, 0.0, 0, -1, -1, False, -1.0, None)
+        with pytest.raises(RuntimeError, match="llmfast::attention_fwd: sinks must be a \\[2\\] Float"):
+            fwd(q, q, q, None, 0.3, False, 0.0, 0, -1, -1, False, 0.0, torch.zeros(2, dtype=torch.float64))
+        with pytest.raises(RuntimeError, match="llmfast::attention_fwd: sinks must be contiguous"):
+            fwd(q, q, q, None, 0.3, False, 0.0, 0, -1, -1, False, 0.0, torch.zeros(4)[::2])
+        out, lse = fwd(q, q, q, None, 0.3, False, 0.0, 0, -1, -1, False, 0.0, None)
+        with pytest.raises(RuntimeError, match="llmfast::attention_bwd: sinks must be a \\[2\\]"):
+            bwd(out, q, q, q, out, lse, None, 0.3, False, 0.0, 0, -1, -1, False, 0.0, torch.zeros(3))
     triton_fwd = torch.ops.llmfast.attention_fwd_triton
     with pytest.raises(RuntimeError, match="window bounds must be >= -1"):
         triton_fwd(q, q, q, None, 0.3, False, 0.0, 0, -1, -3, False, 0.0, None)
@@ -313,20 +349,19 @@ def test_flash_attn_bad_input():
 
 def _opt_cases():
     q, k, v = (t.transpose(1, 2) for t in _bshd(1, 19, 23, 4, 2, 16))
-    sinks = torch.randn(4)
+    sinks = torch.randn(4, device=DEVICE)
     return [(q, k, v, None, 0.25, True, 0.0, 0, 5, -1, True, 0.0, None),
             (q, k, v, None, 0.25, False, 0.0, 0, 3, 2, True, 4.0, sinks),
             (q, k, v, None, 0.25, True, 0.2, 9, -1, -1, True, 2.0, sinks)]
 
 
-@pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("cpu", "cuda")])
 def test_opcheck_options(backend):
-    if "window" not in backends.OPS["attention"].features.get("cpu", attention_op.FEATURES):
-        pytest.skip("the cpu kernel does not implement the options yet")
+    op = attention_op.attention_fwd.on(backend, DEVICE).default  # cuda on CPU tensors: the emulated kernels
     for args in _opt_cases():
         args = tuple(a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and (i < 3 or i == 12)
                      else a for i, a in enumerate(args))
-        torch.library.opcheck(torch.ops.llmfast.attention_fwd.default, args)
+        torch.library.opcheck(op, args)
 
 
 def test_compile_fullgraph():

@@ -83,7 +83,17 @@ struct AttnParams {
   int B = 0, H = 0, Hkv = 0, group = 1, L = 0, S = 0, D = 0, Dv = 0;
   float scale = 1.f;       // natural scale of q.k
   float scale_log2 = 1.f;  // scale * log2(e): scores live in the log2 domain (exp2 is one MUFU op)
-  int causal = 0;
+  // Visibility (llmfast/ops/attention.py): with band set (causal or a window), key j is visible
+  // to query i iff -wl <= j - i - off <= wr; off = S - L when bottom-right aligned, else 0;
+  // causal caps wr at 0; an unbounded side is L + S + 1, past every key (int32 arithmetic).
+  int band = 0;
+  int off = 0, wl = 0, wr = 0;
+  // softcap c > 0: the score s = scale*q.k becomes c*tanh(s/c); cap_inv = scale / c,
+  // cap_log2 = c * log2(e) (scores live in the log2 domain).
+  int has_cap = 0;
+  float cap_inv = 0.f, cap_log2 = 0.f;
+  const float* sinks = nullptr;  // [H] fp32 logits joining every row's denominator, or null
+  float* dsinks = nullptr;       // [H] fp32 (backward, with sinks)
   int has_dropout = 0;
   uint32_t drop_threshold = 0;  // keep iff 32 random bits >= threshold = round(p * 2^32)
   float rp_keep = 1.f;          // 1 / (1 - p)
@@ -147,6 +157,7 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
 }
 
 __host__ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 
 // ------------------------------------------------------------------------------------------
 // Tensor-core and async-copy instructions (PTX). The emulator models them from the PTX ISA's
@@ -376,12 +387,42 @@ __device__ __forceinline__ void store_row(T* dst, const float (&acc)[NB][4], int
 }
 
 // ------------------------------------------------------------------------------------------
-// Score masking, shared by the forward and both backward passes so that they agree bit for bit:
-// x is already scale*log2(e)*q.k; returns -inf for invisible keys, else x + log2(e)*mask.
+// Scores, shared by the forward and both backward passes so that they agree bit for bit.
 // ------------------------------------------------------------------------------------------
+// tanh in fp32 from e = exp(-2|x|) in (0, 1]: no overflow for any |x| (the Triton kernel's
+// formula). Near 0, 1 - e cancels (relative error ~2^-22 / 2|x|, from exp2's own error); there
+// the odd Taylor series to x^11 is used instead (relative error < 1e-7 for |x| < 0.4), so a
+// softcapped score is as accurate as torch's tanh gives it. Both are computed: no divergence.
+__device__ __forceinline__ float tanh_from_exp(float x) {
+  const float a = fabsf(x);
+  const float e = exp2f(a * -2.8853900817779268f);  // exp(-2|x|) = exp2(-2 log2(e) |x|)
+  float th = (1.f - e) / (1.f + e);
+  const float a2 = a * a;
+  const float series =
+      a * (1.f + a2 * (-1.f / 3 + a2 * (2.f / 15 + a2 * (-17.f / 315 + a2 * (62.f / 2835 + a2 * (-1382.f / 155925))))));
+  if (a < 0.4f) th = series;
+  return x < 0.f ? -th : th;
+}
+
+// A raw dot product q.k -> its score in the log2 domain: scale*log2(e)*q.k, or under softcap c
+// c*log2(e)*tanh(scale*q.k / c), with the tanh in *th for the backward's chain factor 1 - tanh^2.
+__device__ __forceinline__ float logit(float qk, const AttnParams& p, float* th = nullptr) {
+  if (p.has_cap) {
+    const float t = tanh_from_exp(qk * p.cap_inv);
+    if (th) *th = t;
+    return t * p.cap_log2;
+  }
+  return qk * p.scale_log2;
+}
+
+// x is a logit; returns -inf for invisible keys (past L/S, outside the band, masked out), else
+// x + log2(e)*mask.
 __device__ __forceinline__ float mask_score(float x, int i, int j, const AttnParams& p, int b, int h) {
   if (i >= p.L || j >= p.S) return -INFINITY;
-  if (p.causal && j > i) return -INFINITY;  // top-left aligned, like torch.tril
+  if (p.band) {
+    const int d = j - i - p.off;
+    if (d < -p.wl || d > p.wr) return -INFINITY;
+  }
   if (p.mask_kind != 0) {
     const int64_t off = b * p.m_sb + h * p.m_sh + static_cast<int64_t>(i) * p.m_sl + static_cast<int64_t>(j) * p.m_ss;
     if (p.mask_kind == 1) {
@@ -391,6 +432,34 @@ __device__ __forceinline__ float mask_score(float x, int i, int j, const AttnPar
     }
   }
   return x;
+}
+
+// Band-bounded loops: work proportional to what is visible. [lo, hi) with lo a multiple of the
+// tile size and hi <= the length; lo >= hi: nothing visible. Without a band: everything.
+struct Range {
+  int lo, hi;
+};
+
+// The keys that some query row of [i0, i1] can see.
+__device__ __forceinline__ Range key_range(const AttnParams& p, int i0, int i1, int bn) {
+  if (!p.band) return {0, p.S};
+  const int lo = imax(i0 + p.off - p.wl, 0) / bn * bn;
+  return {lo, imax(imin(i1 + p.off + p.wr + 1, p.S), lo)};
+}
+
+// The query rows that can see some key of [j0, j1].
+__device__ __forceinline__ Range query_range(const AttnParams& p, int j0, int j1, int bm) {
+  if (!p.band) return {0, p.L};
+  const int lo = imax(j0 - p.off - p.wr, 0) / bm * bm;
+  return {lo, imax(imin(j1 - p.off + p.wl + 1, p.L), lo)};
+}
+
+// Does the tile (query rows [i0, i1], keys [j0, j0 + bn)) need mask_score? Not when it is wholly
+// inside the band and the keys, without an explicit mask (uniform over the CTA). Query rows past L
+// may skip it: their Q (or, in the backward, P = exp2(x - inf)) is zero and they are never stored.
+__device__ __forceinline__ bool tile_needs_mask(const AttnParams& p, int i0, int i1, int j0, int bn) {
+  if (p.mask_kind != 0 || j0 + bn > p.S) return true;
+  return p.band && (j0 - i1 - p.off < -p.wl || j0 + bn - 1 - i0 - p.off > p.wr);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -468,14 +537,17 @@ __global__ void __launch_bounds__(FwdCfg<T, HD>::NT) _attention_fwd_kernel(const
   const T* v = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
   const bool aligned = p.aligned != 0;
 
-  // Causal (top-left): query i sees keys j <= i, so this tile needs keys < m0 + BM only.
-  const int n_end = p.causal ? imin(p.S, m0 + BM) : p.S;
-  const int n_tiles = (n_end + BN - 1) / BN;
+  // Band (causal, window, either alignment): only the key tiles some row of this tile can see.
+  const int i_last = imin(m0 + BM, p.L) - 1;
+  const Range keys = key_range(p, m0, i_last, BN);
+  const int n_tiles = (keys.hi - keys.lo + BN - 1) / BN;
 
   // Pipeline (single-buffered K and V): V(n) loads while S = Q K(n)^T runs, K(n+1) while the
   // softmax and P V(n) run. cp.async groups in flight: {Q, K0}, then per tile {V(n)}, {K(n+1)}.
   load_tile<T, BM, HD, NT>(sQ, LD, q, p.q_sl, imin(BM, p.L - m0), p.D, aligned);
-  if (n_tiles > 0) load_tile<T, BN, HD, NT>(sK, LD, k, p.k_ss, imin(BN, p.S), p.D, aligned);
+  if (n_tiles > 0)
+    load_tile<T, BN, HD, NT>(sK, LD, k + static_cast<int64_t>(keys.lo) * p.k_ss, p.k_ss, imin(BN, p.S - keys.lo), p.D,
+                             aligned);
   cp_async_commit();
 
   float acc_o[HD / 8][4];
@@ -491,7 +563,7 @@ __global__ void __launch_bounds__(FwdCfg<T, HD>::NT) _attention_fwd_kernel(const
   }
 
   for (int nt = 0; nt < n_tiles; ++nt) {
-    const int n0 = nt * BN;
+    const int n0 = keys.lo + nt * BN;
     const int rows_kv = imin(BN, p.S - n0);
     load_tile<T, BN, HD, NT>(sV, LD, v + static_cast<int64_t>(n0) * p.v_ss, p.v_ss, rows_kv, p.Dv, aligned);
     cp_async_commit();
@@ -508,9 +580,9 @@ __global__ void __launch_bounds__(FwdCfg<T, HD>::NT) _attention_fwd_kernel(const
                                imin(BN, p.S - n0 - BN), p.D, aligned);
     cp_async_commit();  // possibly empty: keeps the group count uniform for wait<1> below
 
-    // Masking is needed on the ragged last tile, on tiles crossing the causal diagonal and with
-    // an explicit mask; the test is uniform over the CTA.
-    const bool need_mask = p.mask_kind != 0 || n0 + BN > p.S || (p.causal && n0 + BN - 1 > m0);
+    // Masking is needed on the ragged last tile, on tiles crossing a band edge and with an
+    // explicit mask; the test is uniform over the CTA.
+    const bool need_mask = tile_needs_mask(p, m0, i_last, n0, BN);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = -INFINITY;
@@ -518,7 +590,7 @@ __global__ void __launch_bounds__(FwdCfg<T, HD>::NT) _attention_fwd_kernel(const
       for (int nb = 0; nb < BN / 8; ++nb) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          float x = acc_s[nb][2 * r + e] * p.scale_log2;
+          float x = logit(acc_s[nb][2 * r + e], p);
           if (need_mask) x = mask_score(x, i_row[r], n0 + nb * 8 + 2 * t + e, p, b, h);
           acc_s[nb][2 * r + e] = x;
           mx = fmaxf(mx, x);
@@ -561,17 +633,28 @@ __global__ void __launch_bounds__(FwdCfg<T, HD>::NT) _attention_fwd_kernel(const
   }
   cp_async_wait<0>();
 
-  // Epilogue: out = acc / l (times 1/(1-p) under dropout); lse = ln 2 * (m + log2 l).
+  // Epilogue: out = acc / l (times 1/(1-p) under dropout); lse = ln 2 * (m + log2 l). A sink's
+  // exp joins l at the common maximum (no overflow for a large sink); it has no value row, so
+  // acc only rescales (alpha), and lse includes it: the backward's P needs nothing more.
+  const float sink2 = p.sinks ? p.sinks[h] * kLog2e : -INFINITY;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = l_i[r];
     l += shfl_xor(l, 1);
     l += shfl_xor(l, 2);
+    float m = m_i[r], alpha = 1.f;
+    if (p.sinks) {
+      const float m_new = fmaxf(m, sink2);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      alpha = exp2f(m - m_use);
+      l = l * alpha + exp2f(sink2 - m_use);
+      m = m_new;
+    }
     const int i = i_row[r];
-    const bool seen = l > 0.f;  // l >= 1 as soon as one key was visible (its p is exp2(0) = 1)
-    const float inv = seen ? p.rp_keep / l : 0.f;
+    const bool seen = l > 0.f;  // l >= 1 as soon as one key (or the sink) was visible: its p is exp2(0)
+    const float inv = seen ? alpha * p.rp_keep / l : 0.f;
     if (i < p.L) {
-      if (t == 0) p.lse[static_cast<int64_t>(bh) * p.L + i] = seen ? (m_i[r] + log2f(l)) * kLn2 : -INFINITY;
+      if (t == 0) p.lse[static_cast<int64_t>(bh) * p.L + i] = seen ? (m + log2f(l)) * kLn2 : -INFINITY;
       T* o = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + static_cast<int64_t>(i) * p.o_sl;
       store_row(o, acc_o, r, inv, 0, p.Dv);
     }
@@ -596,6 +679,29 @@ __global__ void __launch_bounds__(128) _attention_bwd_delta_kernel(const AttnPar
   for (int d = lane; d < p.Dv; d += 32) acc += to_float(dO[d]) * to_float(o[d]);
   acc = warp_sum(acc);
   if (lane == 0) p.delta[row] = acc;
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward with sinks, after the delta pass: dsinks[h] = -sum_{b,i} p_sink[b,h,i] * delta[b,h,i],
+// p_sink = exp(sink_h - lse) (lse includes the sink). Derivation: the sink column has no value
+// row, so dP_sink = 0 and its dS = p_sink (0 - delta). One CTA of 256 threads per head: a fixed
+// partition of the B*L rows and a fixed reduction tree, so deterministic (no float atomics); it
+// reads 8 bytes per row, nothing next to the tiled passes. grid H.
+// ------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(256) _attention_bwd_dsinks_kernel(const AttnParams p) {
+  __shared__ float red[32];
+  const int h = blockIdx.x;
+  const float sink2 = p.sinks[h] * kLog2e;
+  float acc = 0.f;
+  for (int b = 0; b < p.B; ++b) {
+    const int64_t base = (static_cast<int64_t>(b) * p.H + h) * p.L;
+    for (int i = threadIdx.x; i < p.L; i += 256) {
+      const float lse = p.lse[base + i];  // -inf only with a -inf sink and no visible key: p_sink = 0
+      if (lse != -INFINITY) acc += exp2f(sink2 - lse * kLog2e) * p.delta[base + i];
+    }
+  }
+  acc = block_sum(acc, red);
+  if (threadIdx.x == 0) p.dsinks[h] = -acc;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -641,16 +747,14 @@ __global__ void __launch_bounds__(BwdKVCfg<T, HD>::NT) _attention_bwd_dkdv_kerne
     for (int c = 0; c < 4; ++c) acc_dk[nb][c] = acc_dv[nb][c] = 0.f;
   }
   const int j_row[2] = {n0 + wn * 16 + g, n0 + wn * 16 + g + 8};  // this lane's keys in phase A and B
-  const int m_tiles = (p.L + BM - 1) / BM;
-  // Causal: keys >= n0 are seen only by queries i >= n0.
-  const int m_first = p.causal ? n0 / BM : 0;
+  // Band: only the query tiles with a row that sees one of these keys.
+  const Range rows = query_range(p, n0, n0 + rows_kv - 1, BM);
 
   for (int hq = hk * p.group; hq < (hk + 1) * p.group; ++hq) {
     const int bh = b * p.H + hq;
     const T* q = static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh;
     const T* dO = static_cast<const T*>(p.dout) + b * p.do_sb + hq * p.do_sh;
-    for (int mt = m_first; mt < m_tiles; ++mt) {
-      const int m0 = mt * BM;
+    for (int m0 = rows.lo; m0 < rows.hi; m0 += BM) {
       const int rows_q = imin(BM, p.L - m0);
       __syncthreads();  // the previous step's phase B is done with sQ, sdO, sP, sdS, sLse2, sDelta
       load_tile<T, BM, HD, NT>(sQ, LD, q + static_cast<int64_t>(m0) * p.q_sl, p.q_sl, rows_q, p.D, aligned);
@@ -681,7 +785,7 @@ __global__ void __launch_bounds__(BwdKVCfg<T, HD>::NT) _attention_bwd_dkdv_kerne
       warp_gemm_ss<T, QW / 8, HD, false>(st, sK + wn * 16 * LD, LD, sQ + q_off * LD, LD, p.D, rows_q - q_off);
       warp_gemm_ss<T, QW / 8, HD, false>(dpt, sV + wn * 16 * LD, LD, sdO + q_off * LD, LD, p.Dv, rows_q - q_off);
 
-      const bool need_mask = p.mask_kind != 0 || n0 + BN > p.S || (p.causal && n0 + BN - 1 > m0);
+      const bool need_mask = tile_needs_mask(p, m0, m0 + rows_q - 1, n0, BN);
 #pragma unroll
       for (int nb = 0; nb < QW / 8; ++nb) {
 #pragma unroll
@@ -693,7 +797,8 @@ __global__ void __launch_bounds__(BwdKVCfg<T, HD>::NT) _attention_bwd_dkdv_kerne
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int j = j_row[r];
-            float x = st[nb][2 * r + e] * p.scale_log2;
+            float th = 0.f;
+            float x = logit(st[nb][2 * r + e], p, &th);
             if (need_mask) x = mask_score(x, i, j, p, b, hq);
             const float pr = exp2f(x - lse2);
             float dp = dpt[nb][2 * r + e];
@@ -703,7 +808,8 @@ __global__ void __launch_bounds__(BwdKVCfg<T, HD>::NT) _attention_bwd_dkdv_kerne
               pd = keep ? pr * p.rp_keep : 0.f;
               dp = keep ? dp * p.rp_keep : 0.f;
             }
-            const float ds = pr * (dp - dl);
+            float ds = pr * (dp - dl);
+            if (p.has_cap) ds *= 1.f - th * th;  // d(c tanh(s/c))/ds
             const int row = wn * 16 + g + 8 * r;
             sP[row * LDS + il] = from_float<T>(pd);
             sdS[row * LDS + il] = from_float<T>(ds);
@@ -783,10 +889,9 @@ __global__ void __launch_bounds__(BwdQCfg<T, HD>::NT) _attention_bwd_dq_kernel(c
 #pragma unroll
   for (int nb = 0; nb < HD / 8; ++nb) acc_dq[nb][0] = acc_dq[nb][1] = acc_dq[nb][2] = acc_dq[nb][3] = 0.f;
 
-  const int n_end = p.causal ? imin(p.S, m0 + BM) : p.S;
-  const int n_tiles = (n_end + BN - 1) / BN;
-  for (int nt = 0; nt < n_tiles; ++nt) {
-    const int n0 = nt * BN;
+  const int i_last = m0 + rows_q - 1;
+  const Range keys = key_range(p, m0, i_last, BN);  // the forward's key tiles
+  for (int n0 = keys.lo; n0 < keys.hi; n0 += BN) {
     const int rows_kv = imin(BN, p.S - n0);
     // K and V in two groups: S = Q K^T starts while V is still in flight.
     load_tile<T, BN, HD, NT>(sK, LD, k + static_cast<int64_t>(n0) * p.k_ss, p.k_ss, rows_kv, p.D, aligned);
@@ -807,7 +912,7 @@ __global__ void __launch_bounds__(BwdQCfg<T, HD>::NT) _attention_bwd_dq_kernel(c
     __syncthreads();
     warp_gemm_ss<T, BN / 8, HD, false>(acc_dp, sdO + warp * 16 * LD, LD, sV, LD, p.Dv, rows_kv);
 
-    const bool need_mask = p.mask_kind != 0 || n0 + BN > p.S || (p.causal && n0 + BN - 1 > m0);
+    const bool need_mask = tile_needs_mask(p, m0, i_last, n0, BN);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
 #pragma unroll
@@ -815,13 +920,16 @@ __global__ void __launch_bounds__(BwdQCfg<T, HD>::NT) _attention_bwd_dq_kernel(c
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int j = n0 + nb * 8 + 2 * t + e;
-          float x = acc_s[nb][2 * r + e] * p.scale_log2;
+          float th = 0.f;
+          float x = logit(acc_s[nb][2 * r + e], p, &th);
           if (need_mask) x = mask_score(x, i_row[r], j, p, b, h);
           const float pr = exp2f(x - lse2[r]);
           float dp = acc_dp[nb][2 * r + e];
           if (p.has_dropout)
             dp = dropout_bits(rkey[r], static_cast<uint32_t>(j)) >= p.drop_threshold ? dp * p.rp_keep : 0.f;
-          acc_s[nb][2 * r + e] = pr * (dp - dl[r]);  // dS
+          float ds = pr * (dp - dl[r]);
+          if (p.has_cap) ds *= 1.f - th * th;  // d(c tanh(s/c))/ds
+          acc_s[nb][2 * r + e] = ds;
         }
       }
     }
@@ -884,6 +992,11 @@ inline cudaError_t attention_bwd_delta_launch(const AttnParams& p, DType dt, cud
   });
 }
 
+// Backward step 1b (with sinks): p.dsinks. Needs H >= 1 and p.delta.
+inline cudaError_t attention_bwd_dsinks_launch(const AttnParams& p, cudaStream_t stream) {
+  return launch(_attention_bwd_dsinks_kernel, dim3(p.H), dim3(256), 0, stream, p);
+}
+
 // Backward step 2: p.dk, p.dv. Needs B*Hkv >= 1, S >= 1 (L may be 0: zeros).
 inline cudaError_t attention_bwd_dkdv_launch(const AttnParams& p, DType dt, cudaStream_t stream) {
   return launch_tiled<BwdKVCfg>(
@@ -904,6 +1017,21 @@ inline int attention_bwd_smem(DType dt, int D, int Dv) {
   const int hd = head_dim_bucket(D > Dv ? D : Dv);
   const int a = smem_bytes<BwdKVCfg>(dt, hd), b = smem_bytes<BwdQCfg>(dt, hd);
   return a > b ? a : b;
+}
+
+// The band and softcap of llmfast/ops/attention.py into p (sinks are pointers, set by the caller).
+// window bounds: -1 = unbounded; bottom_right aligns the band's diagonal to the last key.
+inline void set_options(AttnParams& p, bool is_causal, int64_t window_left, int64_t window_right, bool bottom_right,
+                        double scale, double softcap) {
+  const int64_t big = static_cast<int64_t>(p.L) + p.S + 1;  // past every key: keeps i + off +- w in int32
+  p.band = is_causal || window_left >= 0 || window_right >= 0;
+  p.wl = static_cast<int>(window_left >= 0 && window_left < big ? window_left : big);
+  p.wr = static_cast<int>(window_right >= 0 && window_right < big ? window_right : big);
+  if (is_causal && p.wr > 0) p.wr = 0;
+  p.off = p.band && bottom_right ? p.S - p.L : 0;
+  p.has_cap = softcap > 0.0;
+  p.cap_inv = p.has_cap ? static_cast<float>(scale / softcap) : 0.f;
+  p.cap_log2 = static_cast<float>(softcap * 1.4426950408889634);
 }
 
 // Dropout keep threshold: keep iff the 32-bit draw >= floor(p * 2^32) (the reference's rule).
@@ -997,8 +1125,13 @@ Shapes check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor&
 
 // The arguments the forward and the backward share; fills p with them.
 void set_common(AttnParams& p, const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Shapes& s,
-                const std::optional<Tensor>& mask, double scale, bool is_causal, double dropout_p, int64_t seed) {
+                const std::optional<Tensor>& mask, double scale, bool is_causal, double dropout_p, int64_t seed,
+                int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                const std::optional<Tensor>& sinks) {
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  check_attention_options(op, q, window_left, window_right, softcap, sinks);
+  TORCH_CHECK(!defined(sinks) || sinks->is_contiguous(), op, ": sinks must be contiguous, got strides ",
+              sinks->strides());
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, op, ": dropout_p must be in [0, 1], got ", dropout_p);
   p.q = q.const_data_ptr();
   p.k = k.const_data_ptr();
@@ -1011,7 +1144,8 @@ void set_common(AttnParams& p, const char* op, const Tensor& q, const Tensor& k,
   p.L = static_cast<int>(s.L), p.S = static_cast<int>(s.S), p.D = static_cast<int>(s.D), p.Dv = static_cast<int>(s.Dv);
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  p.causal = is_causal ? 1 : 0;
+  set_options(p, is_causal, window_left, window_right, bottom_right, scale, softcap);
+  p.sinks = defined(sinks) ? sinks->const_data_ptr<float>() : nullptr;  // [H] fp32 (checked above)
   set_dropout(p, dropout_p, static_cast<uint64_t>(seed));
   if (!defined(mask)) return;
   // mask: [B, H, L, S] view, any strides (0 where broadcast), bool (True = attend) or float32 (additive)
@@ -1032,10 +1166,10 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
                                          const std::optional<Tensor>& mask, double scale, bool is_causal,
                                          double dropout_p, int64_t seed, int64_t window_left, int64_t window_right,
                                          bool bottom_right, double softcap, const std::optional<Tensor>& sinks) {
-  check_attention_plain(kFwd, window_left, window_right, bottom_right, softcap, sinks);
   const Shapes s = check_qkv(kFwd, q, k, v);
   AttnParams p;
-  set_common(p, kFwd, q, k, v, s, mask, scale, is_causal, dropout_p, seed);
+  set_common(p, kFwd, q, k, v, s, mask, scale, is_causal, dropout_p, seed, window_left, window_right, bottom_right,
+             softcap, sinks);
   const DeviceGuard guard(q.device());
   Tensor out = at::empty({s.B, s.H, s.L, s.Dv}, q.options());
   Tensor lse = at::empty({s.B, s.H, s.L}, q.options().dtype(at::kFloat));
@@ -1050,17 +1184,17 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
   return {out, lse};
 }
 
-// Returns (dq, dk, dv, dsinks); dsinks is an empty float32 [0] (these kernels take no sinks).
+// Returns (dq, dk, dv, dsinks); dsinks is [H] float32 with sinks, else an empty float32 [0].
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,
                                                          const Tensor& v, const Tensor& out, const Tensor& lse,
                                                          const std::optional<Tensor>& mask, double scale,
                                                          bool is_causal, double dropout_p, int64_t seed,
                                                          int64_t window_left, int64_t window_right, bool bottom_right,
                                                          double softcap, const std::optional<Tensor>& sinks) {
-  check_attention_plain(kBwd, window_left, window_right, bottom_right, softcap, sinks);
   const Shapes s = check_qkv(kBwd, q, k, v);
   AttnParams p;
-  set_common(p, kBwd, q, k, v, s, mask, scale, is_causal, dropout_p, seed);
+  set_common(p, kBwd, q, k, v, s, mask, scale, is_causal, dropout_p, seed, window_left, window_right, bottom_right,
+             softcap, sinks);
   const std::vector<int64_t> o_shape{s.B, s.H, s.L, s.Dv};
   TORCH_CHECK(out.sizes() == o_shape && out.scalar_type() == q.scalar_type(), kBwd, ": out must be a ",
               q.scalar_type(), " [B, H, L, Dv] = ", o_shape, " tensor, got ", out.scalar_type(), " ", out.sizes());
@@ -1073,12 +1207,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out,
   Tensor dq = at::empty({s.B, s.H, s.L, s.D}, q.options());
   Tensor dk = at::empty({s.B, s.Hkv, s.S, s.D}, q.options());
   Tensor dv = at::empty({s.B, s.Hkv, s.S, s.Dv}, q.options());
-  Tensor dsinks = at::empty({0}, q.options().dtype(at::kFloat));
+  Tensor dsinks = at::empty({defined(sinks) ? s.H : 0}, q.options().dtype(at::kFloat));
   if (s.B * s.H * s.L == 0 || s.S == 0) {
-    // No query rows: dK = dV = 0. No keys: every row is fully masked, dQ = 0.
+    // No query rows: dK = dV = 0. No keys: every row is fully masked, dQ = 0, out = 0 and so
+    // delta = 0 and dsinks = 0.
     dq.zero_();
     dk.zero_();
     dv.zero_();
+    dsinks.zero_();
     return {dq, dk, dv, dsinks};
   }
   const Tensor dO = last_dim_contiguous(grad_out), o = last_dim_contiguous(out), lse_c = lse.contiguous();
@@ -1100,6 +1236,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out,
   check_smem(kBwd, attention_bwd_smem(dt, p.D, p.Dv));
   const cudaStream_t stream = current_stream();
   check_launch(attention_bwd_delta_launch(p, dt, stream));
+  if (p.sinks) {
+    p.dsinks = dsinks.data_ptr<float>();
+    check_launch(attention_bwd_dsinks_launch(p, stream));
+  }
   check_launch(attention_bwd_dkdv_launch(p, dt, stream));
   check_launch(attention_bwd_dq_launch(p, dt, stream));
   return {dq, dk, dv, dsinks};

@@ -247,7 +247,7 @@ static Run setup(const Problem& P, const HostTensors& X) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  p.causal = P.causal;
+  set_options(p, P.causal, -1, -1, false, scale, 0.0);  // plain or top-left causal
   set_dropout(p, P.dropout_p, P.seed);
   // cp.async legality, as the torch launcher decides it
   const int64_t ch = 16 / static_cast<int64_t>(sizeof(T));

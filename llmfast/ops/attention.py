@@ -107,18 +107,19 @@ attention_fwd = kernel(
 
 # The optional features and which kernels implement them; the rest go to the reference.
 FEATURES = frozenset({"window", "bottom_right", "softcap", "sinks"})
-_REF_NOTE = "window, bottom_right causal, softcap and sinks run on torch"
 
 backends.register_op(OpSpec(
     "attention", kernel=attention_fwd, cpu_dtypes=None,
-    features={"triton": FEATURES, "cuda": frozenset(), "cpu": FEATURES},
+    features={"triton": FEATURES, "cuda": FEATURES, "cpu": FEATURES},
     notes={
         "cpu": "fp16/bf16 computed in fp32; dropout fused (Philox, same mask as triton); sliding window and "
                "bottom-right causal (blocks outside the band skipped), softcap and sinks fused; "
                "float64 and masks that need a gradient run on torch",
         "triton": "dropout fused (Philox); sliding window and bottom-right causal (loops bounded to the band), "
                   "softcap and sinks fused; bf16 dots upcast to fp32 under TRITON_INTERPRET",
-        "cuda": _REF_NOTE,
+        "cuda": "dropout fused (Philox); sliding window and bottom-right causal (loops bounded to the band, "
+                "per-element masks only on the band's edge tiles), softcap and sinks fused (dsinks: a "
+                "deterministic per-head reduction kernel)",
         "torch": "reference: materialises the L x S scores; llmfast.flash_attn's ALiBi is a dense additive mask "
                  "and flash_attn_varlen_func runs one call per segment (a host sync), on every backend",
     }))
