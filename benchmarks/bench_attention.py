@@ -11,7 +11,7 @@ materialises the [B, H, L, S] scores; ``llmfast bench --vs eager`` compares with
 Peak memory is measured for every provider (``MEMORY``): the fused kernels need O(L)
 extra memory, the eager expression O(L·S).
 
-Variant cases (issue 12, CPU): a causal sliding window of W keys (``window W``: key j
+Variant cases (issue 12; CPU, and on a GPU for the cuda and triton kernels): a causal sliding window of W keys (``window W``: key j
 visible to query i iff i - W < j <= i) and ``softcap c``. Their FLOPs count the visible
 pairs only (Σ_i min(i + 1, W) for the window). There ``torch`` is SDPA given the dense
 equivalent bool mask (window) or the unfused reference in the input dtype (softcap: SDPA
@@ -57,6 +57,16 @@ _CPU_VARIANTS = [
     (1, 4, 2048, 64, "fwd+bwd", -1, 30.0),
     (1, 4, 2048, 64, "fwd+bwd", -1, 0.0),
 ]
+# the same on a GPU: the window's cost against plain causal's (both kernels bound their loops to
+# the band), and softcap's against none
+_GPU_VARIANTS = [
+    (4, 16, 8192, 128, "fwd", 1024, 0.0),
+    (4, 16, 8192, 128, "fwd", -1, 0.0),
+    (4, 16, 8192, 128, "fwd+bwd", 1024, 0.0),
+    (4, 16, 8192, 128, "fwd+bwd", -1, 0.0),
+    (4, 16, 4096, 128, "fwd+bwd", -1, 50.0),
+    (4, 16, 4096, 128, "fwd+bwd", -1, 0.0),
+]
 _QUICK = [
     (1, 4, 4, 512, 512, 64, False, "fwd"),
     (1, 4, 4, 512, 512, 64, True, "fwd+bwd"),
@@ -71,8 +81,9 @@ def cases(quick, device, dtypes):
             gqa = f" gqa {H}:{Hkv}" if Hkv != H else ""
             name = f"{mode} B{B} H{H} L{L} S{S} D{D}{' causal' if causal else ''}{gqa}"
             out.append(dict(name=name, B=B, H=H, Hkv=Hkv, L=L, S=S, D=D, causal=causal, mode=mode, dtype=dt))
-    if not quick and torch.device(device).type == "cpu":
-        for B, H, L, D, mode, window, softcap in _CPU_VARIANTS:
+    if not quick:
+        for B, H, L, D, mode, window, softcap in (_GPU_VARIANTS if torch.device(device).type == "cuda"
+                                                  else _CPU_VARIANTS):
             for dt in dtypes:
                 name = (f"{mode} B{B} H{H} L{L} S{L} D{D} causal" + (f" window {window}" if window > 0 else "")
                         + (f" softcap {softcap:g}" if softcap else "") + " (variants)")

@@ -1,28 +1,38 @@
 // FlashAttention-2 forward and backward for llmfast::attention_fwd / attention_bwd (CUDA).
 //
 // Maths (per batch b and query head h; kv head hk = h / (H / Hkv)):
-//   x_ij  = scale * q_i . k_j  (+ mask_ij | -inf where masked, causal j > i, j >= S)
-//   lse_i = log sum_j exp(x_ij)                  (-inf when row i sees no key)
+//   s_ij  = scale * q_i . k_j, or c * tanh(scale * q_i . k_j / c) with softcap c > 0
+//   x_ij  = s_ij  (+ mask_ij | -inf where masked, outside the band, j >= S)
+//   lse_i = log (sum_j exp(x_ij) + exp(sink_h))  (no sink term without sinks; -inf when row i
+//                                                 sees neither a key nor a sink)
 //   P_ij  = exp(x_ij - lse_i);   Z_ij = keep_ij / (1 - p)  (dropout; Z = 1 without)
-//   out_i = sum_j Z_ij P_ij v_j
+//   out_i = sum_j Z_ij P_ij v_j                  (the sink has no value row)
+// The band (llmfast/ops/attention.py): with off = S - L when bottom-right aligned, else 0, key j
+// is visible to query i iff (not causal or j <= i + off) and i + off - wl <= j <= i + off + wr
+// (window bounds; -1 = unbounded).
 // Backward, with dO = grad_out and delta_i = dO_i . out_i:
 //   dV_j = sum_i Z_ij P_ij dO_i          dP_ij = Z_ij dO_i . v_j
-//   dS_ij = P_ij (dP_ij - delta_i)       dQ_i = scale sum_j dS_ij k_j
-//   dK_j = scale sum_i dS_ij q_i         (dK/dV summed over the query heads of a GQA group)
+//   dS_ij = P_ij (dP_ij - delta_i) (* (1 - tanh^2) under softcap)
+//   dQ_i = scale sum_j dS_ij k_j         dK_j = scale sum_i dS_ij q_i  (dK/dV summed over a GQA group)
+//   dsink_h = -sum_{b,i} exp(sink_h - lse_i) delta_i
 // Memory: forward reads q, k, v once per (query tile, key tile) pair and writes out + lse;
 // it never materialises the L x S matrix (O(L) extra memory).
 //
 // Kernels (FlashAttention-2 structure, all tiles in shared memory, fp32 accumulation):
 //   _attention_fwd_kernel        one CTA per (b*h, 64-query tile); loops over key tiles with an
-//                                online softmax; causal tiles past the diagonal are skipped.
+//                                online softmax; only the key tiles in the tile's band are visited
+//                                (a window of W keys costs O(L*W)), and only those crossing a band
+//                                edge (or the end of the keys, or with a mask) test each element.
 //   _attention_bwd_delta_kernel  delta = rowsum(dO * out), one warp per row.
+//   _attention_bwd_dsinks_kernel dsinks (with sinks): one CTA per head, deterministic.
 //   _attention_bwd_dkdv_kernel   one CTA per (b*hkv, key tile); loops over the group's query heads
-//                                and query tiles, dK/dV accumulate in registers (deterministic).
-//   _attention_bwd_dq_kernel     one CTA per (b*h, query tile); loops over key tiles, dQ in
-//                                registers (deterministic: no atomics anywhere). This recomputes
-//                                QK^T and dO V^T once more than FA2's atomic-dQ variant (7 instead
-//                                of 5 GEMMs in the backward) in exchange for bitwise-reproducible
-//                                gradients, which the house rules ask for.
+//                                and the query tiles in the band, dK/dV accumulate in registers
+//                                (deterministic).
+//   _attention_bwd_dq_kernel     one CTA per (b*h, query tile); loops over the forward's key tiles,
+//                                dQ in registers (deterministic: no atomics anywhere). This
+//                                recomputes QK^T and dO V^T once more than FA2's atomic-dQ variant
+//                                (7 instead of 5 GEMMs in the backward) in exchange for
+//                                bitwise-reproducible gradients, which the house rules ask for.
 //
 // Tensor cores: fp16/bf16 use mma.sync.m16n8k16 (fp32 accumulate) fed by ldmatrix from padded
 // shared tiles; P (and dS in the dQ pass) stay in registers as the A operand of the next MMA,
@@ -34,6 +44,10 @@
 // zero in shared memory and the k-steps / n-blocks past D or Dv are skipped at run time, so a
 // small head dim costs registers, not FLOPs. 3 dtypes x 3 buckets x 3 tiled kernels = 27
 // instantiations (+3 delta kernels): that keeps the sm_80 + sm_90 build to a few minutes.
+//
+// Registers (ptxas -v, CUDA 13.0): no kernel spills, except the fp16/bf16 HD=128 forward on sm_80:
+// ptxas keeps it at 168 registers (3 CTAs per SM) and spills 32 bytes of loop invariants instead,
+// reloaded from L1 once per key tile; without the per-tile mask test it takes 184 (2 CTAs per SM).
 //
 // Shared-memory rows are padded by one 16-byte chunk: with a row pitch of 16 B mod 128 B the 8
 // row addresses of one ldmatrix (and the 8 rows a SIMT quad-group reads) fall in distinct banks.
@@ -538,14 +552,12 @@ __global__ void __launch_bounds__(FwdCfg<T, HD>::NT) _attention_fwd_kernel(const
   const bool aligned = p.aligned != 0;
 
   // Band (causal, window, either alignment): only the key tiles some row of this tile can see.
-  const int i_last = imin(m0 + BM, p.L) - 1;
-  const Range keys = key_range(p, m0, i_last, BN);
-  const int n_tiles = (keys.hi - keys.lo + BN - 1) / BN;
+  const Range keys = key_range(p, m0, imin(m0 + BM, p.L) - 1, BN);
 
   // Pipeline (single-buffered K and V): V(n) loads while S = Q K(n)^T runs, K(n+1) while the
   // softmax and P V(n) run. cp.async groups in flight: {Q, K0}, then per tile {V(n)}, {K(n+1)}.
   load_tile<T, BM, HD, NT>(sQ, LD, q, p.q_sl, imin(BM, p.L - m0), p.D, aligned);
-  if (n_tiles > 0)
+  if (keys.lo < keys.hi)
     load_tile<T, BN, HD, NT>(sK, LD, k + static_cast<int64_t>(keys.lo) * p.k_ss, p.k_ss, imin(BN, p.S - keys.lo), p.D,
                              aligned);
   cp_async_commit();
@@ -562,8 +574,7 @@ __global__ void __launch_bounds__(FwdCfg<T, HD>::NT) _attention_fwd_kernel(const
     rkey[1] = dropout_row_key(p.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i_row[1]));
   }
 
-  for (int nt = 0; nt < n_tiles; ++nt) {
-    const int n0 = keys.lo + nt * BN;
+  for (int n0 = keys.lo; n0 < keys.hi; n0 += BN) {
     const int rows_kv = imin(BN, p.S - n0);
     load_tile<T, BN, HD, NT>(sV, LD, v + static_cast<int64_t>(n0) * p.v_ss, p.v_ss, rows_kv, p.Dv, aligned);
     cp_async_commit();
@@ -575,14 +586,15 @@ __global__ void __launch_bounds__(FwdCfg<T, HD>::NT) _attention_fwd_kernel(const
     for (int nb = 0; nb < BN / 8; ++nb) acc_s[nb][0] = acc_s[nb][1] = acc_s[nb][2] = acc_s[nb][3] = 0.f;
     warp_gemm_ss<T, BN / 8, HD, false>(acc_s, sQ + warp * 16 * LD, LD, sK, LD, p.D, rows_kv);
     __syncthreads();  // every warp is done with sK: prefetch the next key tile into it
-    if (nt + 1 < n_tiles)
+    if (n0 + BN < keys.hi)
       load_tile<T, BN, HD, NT>(sK, LD, k + static_cast<int64_t>(n0 + BN) * p.k_ss, p.k_ss,
                                imin(BN, p.S - n0 - BN), p.D, aligned);
     cp_async_commit();  // possibly empty: keeps the group count uniform for wait<1> below
 
     // Masking is needed on the ragged last tile, on tiles crossing a band edge and with an
-    // explicit mask; the test is uniform over the CTA.
-    const bool need_mask = tile_needs_mask(p, m0, i_last, n0, BN);
+    // explicit mask; the test is uniform over the CTA. (Rows past L count as rows of the band
+    // here: fewer live registers than the last real row, at the cost of a few masked tiles.)
+    const bool need_mask = tile_needs_mask(p, m0, m0 + BM - 1, n0, BN);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = -INFINITY;
@@ -889,8 +901,7 @@ __global__ void __launch_bounds__(BwdQCfg<T, HD>::NT) _attention_bwd_dq_kernel(c
 #pragma unroll
   for (int nb = 0; nb < HD / 8; ++nb) acc_dq[nb][0] = acc_dq[nb][1] = acc_dq[nb][2] = acc_dq[nb][3] = 0.f;
 
-  const int i_last = m0 + rows_q - 1;
-  const Range keys = key_range(p, m0, i_last, BN);  // the forward's key tiles
+  const Range keys = key_range(p, m0, m0 + rows_q - 1, BN);  // the forward's key tiles
   for (int n0 = keys.lo; n0 < keys.hi; n0 += BN) {
     const int rows_kv = imin(BN, p.S - n0);
     // K and V in two groups: S = Q K^T starts while V is still in flight.
@@ -912,7 +923,7 @@ __global__ void __launch_bounds__(BwdQCfg<T, HD>::NT) _attention_bwd_dq_kernel(c
     __syncthreads();
     warp_gemm_ss<T, BN / 8, HD, false>(acc_dp, sdO + warp * 16 * LD, LD, sV, LD, p.Dv, rows_kv);
 
-    const bool need_mask = tile_needs_mask(p, m0, i_last, n0, BN);
+    const bool need_mask = tile_needs_mask(p, m0, m0 + BM - 1, n0, BN);  // as the forward's
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
 #pragma unroll
