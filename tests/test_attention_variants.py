@@ -127,6 +127,21 @@ def test_tiled_kernels_many_blocks(backend, dtype, L, S, causal, window):
     check(_fa(causal=causal, window_size=window, softcap=6.0), [q, k, v, sinks], backend)
 
 
+CUDA = [p for p in BACKENDS if p.values[0] == "cuda"]
+
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("D", [96, 256])
+def test_cuda_band_in_every_tile_config(backend, dtype, D):
+    # the head-dim buckets 128 and 256 change the CUDA tiles (32-key forward tiles at 256; 32-row
+    # dK/dV query steps and 32-key dQ tiles for fp32): the band's loop bounds on those grids
+    q, k, v = _bshd(1, 70, 100, 2, 1, D, dtype=dtype, scale=1.5)
+    sinks = torch.randn(2, device=DEVICE)
+    check(_fa(causal=True, window_size=(30, -1), softcap=6.0), [q, k, v, sinks], backend)
+    check(_fa(window_size=(5, 40)), [q, k, v], backend)
+
+
 @pytest.mark.parametrize("backend", TILED)
 def test_tiled_kernels_skip_tiles_outside_the_band(backend):
     # Work proportional to the window: keys 0..63 are NaN, and query rows >= 128 of a causal
