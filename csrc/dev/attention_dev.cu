@@ -15,7 +15,10 @@
 // Variants: the kernels in attention.cu are the only variant so far (FA2 forward with
 // single-buffered K/V cp.async prefetch; backward = delta pre-pass + dK/dV pass + separate
 // deterministic dQ pass). Alternatives worth timing on a GPU later: double-buffered K in the
-// forward, 128-row query tiles for D <= 64, atomic-dQ fused into the dK/dV pass.
+// forward, 128-row query tiles for D <= 64, atomic-dQ fused into the dK/dV pass. Since the band,
+// softcap and sinks landed, ptxas gives the fp16/bf16 HD=64 forward 151-154 registers (3 CTAs of
+// 128 threads per SM; before: 128, 4 CTAs); __launch_bounds__(NT, 4) brings it back to 128 with an
+// 8-byte spill. Which is faster is for a GPU to say.
 #define LLMFAST_CUDA_KERNELS_ONLY
 #include "cuda/attention.cu"
 #include "dev/harness.h"
