@@ -25,8 +25,10 @@ Where it runs: one call of :func:`llmfast.ops.attention.attention`, which picks 
 fastest backend whose kernels implement the options used (``llmfast info``); the C++
 CPU kernel implements causal, window, softcap and sinks, skipping blocks outside the
 visible band. ALiBi is an additive ``[B, H, Sq, Sk]`` float mask built here (O(Sq·Sk)
-memory); ``flash_attn_varlen_func`` runs one call per segment (correct, O(Σ len²) work,
-a host sync to read ``cu_seqlens``, and a graph break under torch.compile).
+memory). ``flash_attn_varlen_func`` reads ``cu_seqlens`` on the host (its checks; a graph
+break under torch.compile), then runs every segment in one call of the CPU kernel
+(O(Σ len²) work, parallel over heads and query tiles of all segments), or, on the other
+backends and with ALiBi or dropout, one call per segment.
 
 ``dropout_p`` uses llmfast's counter-based dropout (the same mask on every llmfast
 backend, not FlashAttention's); ``deterministic`` is accepted and ignored (llmfast's
@@ -192,8 +194,10 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
 
     Returns ``out [total_q, H, Dv]``, or ``(out, softmax_lse [H, total_q] fp32, S_dmask)``.
 
-    This path runs one fused call per segment (O(Σ len²) work, not O(total²)), after a
-    host sync that reads ``cu_seqlens``.
+    On the ``cpu`` backend one kernel call runs every segment (in parallel over (head,
+    query tile) tasks, O(Σ len²) work, not O(total²)); elsewhere, and with ``alibi_slopes``
+    or ``dropout_p > 0`` on any backend, one fused call per segment. Both read
+    ``cu_seqlens`` on the host first (the checks; a device sync on a GPU).
     """
     name = "flash_attn_varlen_func"
     _check_qkv(name, q, k, v, 3, dropout_p, softmax_scale)
@@ -205,6 +209,13 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     batch = len(bq) - 1
     window = _check_options(name, window_size, softcap, alibi_slopes, sinks, q, batch)
     H, Dv = q.shape[1], v.shape[-1]
+    fused = None
+    if alibi_slopes is None and not dropout_p:  # ALiBi's dense mask and dropout run per segment below
+        fused = attention_op.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=softmax_scale,
+                                              is_causal=bool(causal), window=window, softcap=softcap, sinks=sinks)
+    if fused is not None:
+        out, lse = fused
+        return (out, lse, q.new_empty((0,))) if return_attn_probs else out
     outs, lses = [], []
     for b in range(batch):
         qs, ks, vs = q[bq[b]:bq[b + 1]], k[bk[b]:bk[b + 1]], v[bk[b]:bk[b + 1]]

@@ -14,7 +14,7 @@ import llmfast
 from llmfast import backends, reference
 from llmfast.flash_attn import flash_attn_func, flash_attn_varlen_func
 from llmfast.ops import attention as attention_op
-from llmfast.testing import check
+from llmfast.testing import check, second_derivatives
 
 from conftest import DEVICE, backends_for
 
@@ -321,6 +321,69 @@ def test_varlen_matches_per_segment(backend, causal, window):
     assert torch.all(out[-3:] == 0)
     out.square().sum().backward()
     assert torch.all(qq.grad[-3:] == 0) and torch.all(kk.grad[-3:] == 0) and torch.all(vv.grad[-3:] == 0)
+
+
+@pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal,window,softcap,sinks", [(False, (-1, -1), 0.0, False), (True, (-1, -1), 0.0, False),
+                                                         (True, (40, -1), 0.0, True), (False, (30, 20), 5.0, False)],
+                         ids=["full", "causal", "causal-window-sinks", "window-softcap"])
+def test_varlen_cpu_one_kernel_call(backend, dtype, causal, window, softcap, sinks, monkeypatch):
+    # the cpu kernel runs every segment in one call: segments longer than a tile (64 rows, 256 keys)
+    # whose tiles straddle segment ends, an empty one, one of 1 token, Sq != Sk (bottom-right),
+    # GQA 4:2, tokens past cu_seqlens[-1] (with sinks: their lse stays -inf)
+    lq, lk = [130, 0, 1, 70, 300], [100, 5, 1, 70, 310]
+    q, k, v, cq, ck = _packed(lq, lk, H=4, Hkv=2, D=32, extra=3, dtype=dtype)
+    s = [torch.randn(4)] if sinks else []
+
+    def fn(q, k, v, *s):
+        out, lse, _ = flash_attn_varlen_func(q, k, v, cq, ck, max(lq), max(lk), causal=causal, window_size=window,
+                                             softcap=softcap, return_attn_probs=True, sinks=s[0] if s else None)
+        return out, lse
+
+    check(fn, [q, k, v] + s, backend)
+    per_segment = []
+    attention = attention_op.attention
+    monkeypatch.setattr(attention_op, "attention", lambda *a, **kw: per_segment.append(1) or attention(*a, **kw))
+    with llmfast.backend(backend):
+        out, lse = fn(q, k, v, *s)
+    assert not per_segment and out.is_contiguous() and lse.shape == (4, q.shape[0])
+    assert torch.all(out[-3:] == 0) and torch.all(lse[:, -3:] == float("-inf"))
+
+
+@pytest.mark.parametrize("backend", CPU)
+def test_varlen_cpu_opcheck_and_double_backward(backend):
+    q, k, v, cq, ck = _packed([5, 0, 9, 1], [6, 2, 9, 1], H=4, Hkv=2, D=16, extra=2)
+    sinks = torch.randn(4)
+    for args in [(q, k, v, cq, ck, 0.25, True, -1, -1, 0.0, None), (q, k, v, cq, ck, 0.3, False, 3, 2, 4.0, sinks)]:
+        args = tuple(a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                     else a for a in args)
+        torch.library.opcheck(torch.ops.llmfast.attention_varlen_fwd.default, args)
+
+    def fn(q, k, v, sinks):
+        return flash_attn_varlen_func(q, k, v, cq, ck, 9, 9, causal=True, window_size=(3, -1), sinks=sinks)
+    ours = second_derivatives(fn, [q, k, v, sinks], backend)
+    ref = second_derivatives(fn, [q, k, v, sinks], "torch")
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_varlen_cpu_kernel_refuses_bad_cu_seqlens():
+    q, k, v, cq, ck = _packed([4, 3], [4, 3])
+    i32 = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+
+    def op(cq, ck):
+        return torch.ops.llmfast.attention_varlen_fwd(q, k, v, cq, ck, 0.25, False, -1, -1, 0.0, None)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must be a 1-D int32"):
+        op(cq.long(), ck)
+    with pytest.raises(RuntimeError, match="cu_seqlens_k must be non-decreasing"):
+        op(cq, i32(0, 5, 3))
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must start at 0"):
+        op(i32(1, 4, 7), ck)
+    with pytest.raises(RuntimeError, match="beyond the packed buffer"):
+        op(cq, i32(0, 4, 8))
+    with pytest.raises(RuntimeError, match="must have one length"):
+        op(cq, ck[:2])
 
 
 def test_varlen_bad_input():

@@ -232,14 +232,44 @@ Tensor scaled_f32(const Tensor& q, double scale) {
   return out;
 }
 
+// Varlen (flash_attn_varlen_func): packed segments, the queries [cu_q[s], cu_q[s+1]) of
+// segment s against the keys [cu_k[s], cu_k[s+1]), each pair bottom-right aligned (FA2).
+// In packed coordinates that is the band rule below with off = cu_k[s+1] - cu_q[s+1] (the
+// segment's last query lines up with its last key) and every interval clamped to the
+// segment's keys; rows past cu_q[-1] see no key. Both ends stay non-decreasing across
+// segments (each is clamped to its segment, and segments follow one another), so one
+// [1, H, total, D] problem runs every segment with the tiling unchanged, and the tiles
+// outside every segment's block (most of the total² square) are skipped.
+struct Segments {
+  int64_t n = 0;                    // segments; row index n stands for "past cu_q[-1]"
+  std::vector<int32_t> of_row;      // [L]: each query row's segment
+  std::vector<int64_t> k0, k1, off; // [n + 1]: the keys [k0, k1) and off of each segment (entry n: no key)
+};
+
 // The visible interval of each query row (FlashAttention 2's rule, llmfast.reference.band_keep):
 // with off = S - L when bottom-right aligned (else 0), key j is visible to query i iff
 // i + off - left <= j (left >= 0) and j <= i + off + right, right = 0 for causal, and
-// unbounded (-1) sides drop out.
+// unbounded (-1) sides drop out; within a varlen segment (Segments above) the same with
+// the segment's off, clamped to its keys.
 struct Band {
   int64_t S = 0, off = 0, left = -1, right = -1;  // right: -1 = unbounded
-  int64_t lo(int64_t i) const { return left >= 0 ? std::clamp<int64_t>(i + off - left, 0, S) : 0; }
-  int64_t hi(int64_t i) const { return right >= 0 ? std::clamp<int64_t>(i + off + right + 1, 0, S) : S; }
+  const Segments* seg = nullptr;                  // varlen, else one segment [0, S)
+  // (k0, k1, off) of row i's segment
+  std::tuple<int64_t, int64_t, int64_t> keys(int64_t i) const {
+    if (!seg) return {0, S, off};
+    const int32_t s = seg->of_row[i];
+    return {seg->k0[s], seg->k1[s], seg->off[s]};
+  }
+  int64_t lo(int64_t i) const {
+    const auto [k0, k1, o] = keys(i);
+    return left >= 0 ? std::clamp<int64_t>(i + o - left, k0, k1) : k0;
+  }
+  int64_t hi(int64_t i) const {
+    const auto [k0, k1, o] = keys(i);
+    return right >= 0 ? std::clamp<int64_t>(i + o + right + 1, k0, k1) : k1;
+  }
+  // False for a varlen row past cu_q[-1]: no segment, so no sink either (its lse is -inf)
+  bool seated(int64_t i) const { return !seg || seg->of_row[i] < seg->n; }
   // The visible part [a, b) of block [j0, j0 + nb) for row i, relative to j0 (a == b: none).
   std::pair<int64_t, int64_t> span(int64_t i, int64_t j0, int64_t nb) const {
     const int64_t a = std::clamp<int64_t>(lo(i) - j0, 0, nb), b = std::clamp<int64_t>(hi(i) - j0, 0, nb);
@@ -247,6 +277,19 @@ struct Band {
   }
   // Rows [first, last) that see some key of block [j0, j0 + nb), within [0, L).
   std::pair<int64_t, int64_t> rows(int64_t j0, int64_t nb, int64_t L) const {
+    if (seg) {  // lo and hi are non-decreasing in i: the first row with hi > j0, the first with lo >= j0 + nb
+      const auto first_where = [L](const auto& pred) {
+        int64_t a = 0, b = L;
+        while (a < b) {
+          const int64_t m = a + (b - a) / 2;
+          if (pred(m)) b = m; else a = m + 1;
+        }
+        return a;
+      };
+      const int64_t first = first_where([&](int64_t i) { return hi(i) > j0; });
+      const int64_t last = first_where([&](int64_t i) { return lo(i) >= j0 + nb; });
+      return {first, std::max(first, last)};
+    }
     const int64_t first = right >= 0 ? std::clamp<int64_t>(j0 - off - right, 0, L) : 0;
     const int64_t last = left >= 0 ? std::clamp<int64_t>(j0 + nb - off + left, 0, L) : L;
     return {first, std::max(first, last)};
@@ -473,7 +516,7 @@ void fwd_impl(const Problem& P, const Tensor& q, const Tensor& kT, const View& v
       for (int64_t r = 0; r < mb; ++r) {
         float* o = O + r * Dv;
         float l = lrow[r], m = mrow[r], keep = 1.f;
-        if (P.sinks) {
+        if (P.sinks && P.band.seated(i0 + r)) {
           // the sink column joins the denominator at a common maximum (no exp overflow
           // for a large sink); its probability is dropped, so O only rescales
           const float sink = P.sinks[h], mf = std::max(m, sink);
@@ -535,13 +578,9 @@ Problem check_problem(const Tensor& q, const Tensor& k, const Tensor& v, const s
           make_dropout(dropout_p, seed)};
 }
 
-std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                         const std::optional<Tensor>& mask, double scale, bool is_causal,
-                                         double dropout_p, int64_t seed, int64_t window_left, int64_t window_right,
-                                         bool bottom_right, double softcap, const std::optional<Tensor>& sinks) {
-  const char* who = "llmfast::attention_fwd";
-  const Problem P = check_problem(q, k, v, mask, scale, is_causal, dropout_p, seed, window_left, window_right,
-                                  bottom_right, softcap, sinks, who);
+// (out [B, H, L, Dv], lse [B, H, L]) of a checked problem
+std::tuple<Tensor, Tensor> run_fwd(const Problem& P, const Tensor& q, const Tensor& k, const Tensor& v,
+                                   const char* who) {
   Tensor out = at::empty({P.B, P.H, P.L, P.Dv}, q.options());
   Tensor lse = at::empty({P.B, P.H, P.L}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
@@ -556,6 +595,16 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
     }
   });
   return {out, lse};
+}
+
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const std::optional<Tensor>& mask, double scale, bool is_causal,
+                                         double dropout_p, int64_t seed, int64_t window_left, int64_t window_right,
+                                         bool bottom_right, double softcap, const std::optional<Tensor>& sinks) {
+  const char* who = "llmfast::attention_fwd";
+  const Problem P = check_problem(q, k, v, mask, scale, is_causal, dropout_p, seed, window_left, window_right,
+                                  bottom_right, softcap, sinks, who);
+  return run_fwd(P, q, k, v, who);
 }
 
 // ---------------------------------------------------------------------------------
@@ -753,15 +802,11 @@ void bwd_impl(const Problem& P, const View& q, const View& k, const View& dO, co
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,
-                                                         const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                         const std::optional<Tensor>& mask, double scale,
-                                                         bool is_causal, double dropout_p, int64_t seed,
-                                                         int64_t window_left, int64_t window_right, bool bottom_right,
-                                                         double softcap, const std::optional<Tensor>& sinks) {
-  const char* who = "llmfast::attention_bwd";
-  const Problem P = check_problem(q, k, v, mask, scale, is_causal, dropout_p, seed, window_left, window_right,
-                                  bottom_right, softcap, sinks, who);
+// (dq, dk, dv, dsinks) of a checked problem
+std::tuple<Tensor, Tensor, Tensor, Tensor> run_bwd(const Problem& P, const Tensor& grad_out, const Tensor& q,
+                                                   const Tensor& k, const Tensor& v, const Tensor& out,
+                                                   const Tensor& lse, double scale,
+                                                   const std::optional<Tensor>& sinks, const char* who) {
   // dsinks [H] fp32 with sinks (zeros where nothing flows back), else an empty [0]
   Tensor dsinks = defined(sinks) ? at::zeros({P.H}, q.options().dtype(at::kFloat))
                                  : at::empty({0}, q.options().dtype(at::kFloat));
@@ -812,7 +857,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out,
                          acc.mutable_data_ptr<float>(), chunks, dk, dv);
       if (defined(sinks)) {
         // dsink_h = -Σ_{b,i} p_sink·Δ with p_sink = exp(sink_h - lse): O(B·H·L), deterministic ATen sums
-        const Tensor psink = (sinks->view({1, P.H, 1}) - lse_c).exp();
+        // (a row with lse = -inf has no sink term: a varlen row past cu_q[-1]; exp(inf)·0 would be NaN)
+        const Tensor psink = (sinks->view({1, P.H, 1}) - lse_c).exp().masked_fill_(lse_c == kNegInf, 0.0);
         dsinks.copy_((psink * delta).sum(at::IntArrayRef{0, 2}).neg_());
       }
       // dQ = scale·Σ_j dS K: the scale is applied once here
@@ -826,11 +872,105 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out,
   return {dq, dk, dv, dsinks};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                                         const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                         const std::optional<Tensor>& mask, double scale,
+                                                         bool is_causal, double dropout_p, int64_t seed,
+                                                         int64_t window_left, int64_t window_right, bool bottom_right,
+                                                         double softcap, const std::optional<Tensor>& sinks) {
+  const char* who = "llmfast::attention_bwd";
+  const Problem P = check_problem(q, k, v, mask, scale, is_causal, dropout_p, seed, window_left, window_right,
+                                  bottom_right, softcap, sinks, who);
+  return run_bwd(P, grad_out, q, k, v, out, lse, scale, sinks, who);
+}
+
+// ---------------------------------------------------------------------------------
+// Varlen: packed [total, H, D] tensors as one [1, H, total, D] problem (views, no copy)
+// whose Band holds the segments.
+
+Tensor as_problem(const Tensor& x) { return x.transpose(0, 1).unsqueeze(0); }  // [T, H, D] -> [1, H, T, D]
+Tensor as_packed(const Tensor& x) { return x[0].transpose(0, 1).contiguous(); }  // [1, H, T, D] -> [T, H, D]
+
+// The segments of cu_seqlens_q / cu_seqlens_k (int32 [n + 1], from 0, non-decreasing, within
+// the L queries / S keys: the Python layer checks them too, with FlashAttention's messages).
+Segments make_segments(const Tensor& cu_q, const Tensor& cu_k, int64_t L, int64_t S, const char* who) {
+  for (const auto& [name, cu, total] : {std::tuple{"cu_seqlens_q", &cu_q, L}, std::tuple{"cu_seqlens_k", &cu_k, S}}) {
+    TORCH_CHECK(cu->scalar_type() == at::kInt && cu->dim() == 1 && cu->numel() >= 1 && cu->device().is_cpu(), who,
+                ": ", name, " must be a 1-D int32 CPU tensor [batch + 1], got ", cu->scalar_type(), " ", cu->sizes());
+    const Tensor c = cu->contiguous();
+    const int32_t* p = c.const_data_ptr<int32_t>();
+    TORCH_CHECK(p[0] == 0, who, ": ", name, " must start at 0, got ", p[0]);
+    for (int64_t s = 1; s < c.numel(); ++s) {
+      TORCH_CHECK(p[s] >= p[s - 1], who, ": ", name, " must be non-decreasing");
+    }
+    TORCH_CHECK(p[c.numel() - 1] <= total, who, ": ", name, "[-1] = ", p[c.numel() - 1],
+                " is beyond the packed buffer of ", total, " tokens");
+  }
+  TORCH_CHECK(cu_q.numel() == cu_k.numel(), who, ": cu_seqlens_q and cu_seqlens_k must have one length, got ",
+              cu_q.numel(), " and ", cu_k.numel());
+  const Tensor cq = cu_q.contiguous(), ck = cu_k.contiguous();
+  const int32_t* q = cq.const_data_ptr<int32_t>();
+  const int32_t* k = ck.const_data_ptr<int32_t>();
+  Segments seg;
+  seg.n = cq.numel() - 1;
+  seg.of_row.assign(L, static_cast<int32_t>(seg.n));
+  for (int64_t s = 0; s < seg.n; ++s) {
+    std::fill(seg.of_row.begin() + q[s], seg.of_row.begin() + q[s + 1], static_cast<int32_t>(s));
+    seg.k0.push_back(k[s]);
+    seg.k1.push_back(k[s + 1]);
+    seg.off.push_back(int64_t(k[s + 1]) - q[s + 1]);
+  }
+  seg.k0.push_back(k[seg.n]);  // rows past cu_q[-1]: an empty interval at the end (keeps lo, hi monotone)
+  seg.k1.push_back(k[seg.n]);
+  seg.off.push_back(0);
+  return seg;
+}
+
+// q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] (last dim contiguous); causal and the window as in
+// flash_attn_varlen_func (bottom-right within each segment). Returns out [Tq, H, Dv] (contiguous)
+// and lse [H, Tq] fp32 (-inf for rows that see no key and rows past cu_q[-1]).
+std::tuple<Tensor, Tensor> attention_varlen_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, double scale,
+                                                bool is_causal, int64_t window_left, int64_t window_right,
+                                                double softcap, const std::optional<Tensor>& sinks) {
+  const char* who = "llmfast::attention_varlen_fwd";
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, who, ": q, k, v must be 3-D [total, H, D], got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  const Tensor q4 = as_problem(q), k4 = as_problem(k), v4 = as_problem(v);
+  Problem P = check_problem(q4, k4, v4, std::nullopt, scale, is_causal, 0.0, 0, window_left, window_right, true,
+                            softcap, sinks, who);
+  const Segments seg = make_segments(cu_seqlens_q, cu_seqlens_k, P.L, P.S, who);
+  P.band.seg = &seg;
+  auto [out, lse] = run_fwd(P, q4, k4, v4, who);
+  return {as_packed(out), lse[0]};
+}
+
+// grad_out, out [Tq, H, Dv], lse [H, Tq] as attention_varlen_fwd returned them; returns
+// (dq, dk, dv) packed like q, k, v (contiguous) and dsinks [H] fp32 ([0] without sinks).
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_varlen_bwd(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+    const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, double scale, bool is_causal, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<Tensor>& sinks) {
+  const char* who = "llmfast::attention_varlen_bwd";
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && out.dim() == 3 && grad_out.dim() == 3 &&
+              lse.dim() == 2, who, ": q, k, v, out, grad_out must be 3-D [total, H, D] and lse 2-D [H, total]");
+  const Tensor q4 = as_problem(q), k4 = as_problem(k), v4 = as_problem(v);
+  Problem P = check_problem(q4, k4, v4, std::nullopt, scale, is_causal, 0.0, 0, window_left, window_right, true,
+                            softcap, sinks, who);
+  const Segments seg = make_segments(cu_seqlens_q, cu_seqlens_k, P.L, P.S, who);
+  P.band.seg = &seg;
+  auto [dq, dk, dv, dsinks] = run_bwd(P, as_problem(grad_out), q4, k4, v4, as_problem(out), lse.unsqueeze(0), scale,
+                                      sinks, who);
+  return {as_packed(dq), as_packed(dk), as_packed(dv), dsinks};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llmfast, CPU, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
+  m.impl("attention_varlen_fwd", &attention_varlen_fwd);
+  m.impl("attention_varlen_bwd", &attention_varlen_bwd);
 }
 
 }  // namespace llmfast::cpu

@@ -105,6 +105,71 @@ attention_fwd = kernel(
     f"int seed, {_OPTS_SCHEMA}) -> (Tensor, Tensor)", _fwd_fake, triton="attention:attention_fwd",
     autograd=(attention_bwd, _setup_context, _backward))
 
+# Varlen (flash_attn_varlen_func), CPU kernels only: packed q [Tq, H, D], k [Tk, Hkv, D],
+# v [Tk, Hkv, Dv] (last dims contiguous) and int32 cu_seqlens_q / cu_seqlens_k [n + 1]
+# (from 0, non-decreasing, within Tq / Tk), checked on the host. Segment s is
+# q[cu_q[s]:cu_q[s+1]] against k/v[cu_k[s]:cu_k[s+1]] with FlashAttention 2's
+# bottom-right causal and window inside the segment, softcap and sinks as attention_fwd;
+# no mask, no dropout (those calls run one attention_fwd per segment: llmfast.flash_attn).
+# One call runs every segment, in parallel over (head, query tile) tasks, O(Σ len²) work.
+# Returns out [Tq, H, Dv] (contiguous, input dtype) and lse [H, Tq] fp32 (-inf for a
+# row that sees no key, and for rows past cu_q[-1], whose out is zeros).
+_VARLEN_ARGS = ("Tensor cu_seqlens_q, Tensor cu_seqlens_k, float scale, bool is_causal, int window_left, "
+                "int window_right, float softcap, Tensor? sinks")
+
+
+def _varlen_fwd_fake(q, k, v, cu_q, cu_k, scale, is_causal, window_left, window_right, softcap, sinks):
+    T, H, _ = q.shape
+    return q.new_empty((T, H, v.shape[-1])), q.new_empty((H, T), dtype=torch.float32)
+
+
+def _varlen_bwd_fake(grad_out, q, k, v, out, lse, cu_q, cu_k, scale, is_causal, window_left, window_right, softcap,
+                     sinks):
+    return _bwd_fake(grad_out, q, k, v, out, lse, None, scale, is_causal, 0.0, 0, sinks=sinks)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, *args, sinks = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, sinks)
+    ctx.args = tuple(args)   # scale, is_causal, window_left, window_right, softcap
+    ctx.mark_non_differentiable(lse)
+
+
+def varlen_reference(q, k, v, cu_q, cu_k, scale, is_causal, window_left, window_right, softcap, sinks):
+    """out [Tq, H, Dv] of the varlen kernels' problem, one reference call per segment (differentiable)."""
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    outs = []
+    for b in range(len(bq) - 1):
+        qs, ks, vs = (t[lo:hi].transpose(0, 1)[None] for t, lo, hi in
+                      ((q, bq[b], bq[b + 1]), (k, bk[b], bk[b + 1]), (v, bk[b], bk[b + 1])))
+        outs.append(reference.attention(qs, ks, vs, scale=scale, is_causal=is_causal,
+                                        window=(window_left, window_right), bottom_right=True, softcap=softcap,
+                                        sinks=sinks)[0][0].transpose(0, 1))
+    outs.append(q.new_zeros((q.shape[0] - bq[-1], q.shape[1], v.shape[-1])))  # rows past cu_q[-1]
+    return torch.cat(outs, 0)
+
+
+def _varlen_backward(ctx, bwd, grad_out, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k, sinks = ctx.saved_tensors
+    if create_graph():
+        def fn(q_, k_, v_, sinks_):
+            return varlen_reference(q_, k_, v_, cu_q, cu_k, *ctx.args, sinks_)
+        needed = tuple(ctx.needs_input_grad[:3]) + (sinks is not None and ctx.needs_input_grad[-1],)
+        dq, dk, dv, dsinks = grads_by_recompute(fn, (q, k, v, sinks), needed, (grad_out,))
+    else:
+        dq, dk, dv, dsinks = bwd(grad_out.to(out.dtype).contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.args,
+                                 sinks)
+    return (dq, dk, dv) + (None,) * 7 + (dsinks if sinks is not None else None,)
+
+
+attention_varlen_bwd = kernel(
+    "attention_varlen_bwd", f"(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_VARLEN_ARGS}) "
+    "-> (Tensor, Tensor, Tensor, Tensor)", _varlen_bwd_fake)
+attention_varlen_fwd = kernel(
+    "attention_varlen_fwd", f"(Tensor q, Tensor k, Tensor v, {_VARLEN_ARGS}) -> (Tensor, Tensor)", _varlen_fwd_fake,
+    autograd=(attention_varlen_bwd, _varlen_setup_context, _varlen_backward))
+
 # The optional features and which kernels implement them; the rest go to the reference.
 FEATURES = frozenset({"window", "bottom_right", "softcap", "sinks"})
 
@@ -114,14 +179,15 @@ backends.register_op(OpSpec(
     notes={
         "cpu": "fp16/bf16 computed in fp32; dropout fused (Philox, same mask as triton); sliding window and "
                "bottom-right causal (blocks outside the band skipped), softcap and sinks fused; "
-               "float64 and masks that need a gradient run on torch",
+               "float64 and masks that need a gradient run on torch; flash_attn_varlen_func runs all segments "
+               "in one call (attention_varlen_fwd; with ALiBi or dropout, one call per segment)",
         "triton": "dropout fused (Philox); sliding window and bottom-right causal (loops bounded to the band), "
                   "softcap and sinks fused; bf16 dots upcast to fp32 under TRITON_INTERPRET",
         "cuda": "dropout fused (Philox); sliding window and bottom-right causal (loops bounded to the band, "
                 "per-element masks only on the band's edge tiles), softcap and sinks fused (dsinks: a "
                 "deterministic per-head reduction kernel)",
         "torch": "reference: materialises the L x S scores; llmfast.flash_attn's ALiBi is a dense additive mask "
-                 "and flash_attn_varlen_func runs one call per segment (a host sync), on every backend",
+                 "and flash_attn_varlen_func runs one call per segment (after a host sync) on every backend but cpu",
     }))
 
 
@@ -269,3 +335,26 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, *,
     if isinstance(seed, Tensor):
         return attention_fwd_seeded(q, k, v, mask, scale, is_causal, dropout_p, seed, which, *opts)
     return attention_fwd.on(which, q.device.type)(q, k, v, mask, scale, is_causal, dropout_p, int(seed), *opts)
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *,
+                     scale: Optional[float] = None, is_causal: bool = False, window=(-1, -1), softcap: float = 0.0,
+                     sinks: Optional[Tensor] = None):
+    """``(out [Tq, H, Dv], lse [H, Tq] fp32)`` of packed segments in one kernel call, or None.
+
+    Arguments are assumed checked (``llmfast.flash_attn.flash_attn_varlen_func`` does that;
+    semantics in the comment above ``attention_varlen_fwd``). None when the backend this call
+    resolves to has no varlen kernel (only ``cpu`` has one): the caller then runs one
+    :func:`attention` per segment.
+    """
+    left, right = (int(w) for w in window)
+    softcap = float(softcap)
+    needs = _needs(bool(is_causal), left, right, True, softcap, sinks)
+    if backends.resolve("attention", q, needs) != "cpu" or q.device.type != "cpu":
+        return None
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+    if sinks is not None:
+        sinks = sinks.to(torch.float32).contiguous()
+    return attention_varlen_fwd.on("cpu", "cpu")(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, bool(is_causal), left,
+                                                 right, softcap, sinks)
