@@ -354,13 +354,48 @@ constexpr int64_t BN_WINDOW = 64;
 
 inline int64_t fwd_block_n(const Problem& P) { return P.band.left >= 0 ? BN_WINDOW : BN; }
 
+// Key blocks of at most bn keys: block t is keys [start(t), end(t)). A fixed grid from key 0,
+// or, for varlen, a grid that restarts at each segment's first key (then at the keys past
+// cu_k[-1]), so that no block holds keys of two segments: on the fixed grid a tile's first
+// block began up to bn - 1 keys before its segment, computed for nothing (BN = 256 against
+// ~1100-key segments: ~12% of a non-causal forward's CPU time, more under causal).
+struct Blocks {
+  int64_t bn = 0, n = 0, S = 0;
+  std::vector<int64_t> starts;  // varlen: [n + 1], the block starts then S; empty: the fixed grid
+  int64_t start(int64_t t) const { return starts.empty() ? t * bn : starts[t]; }
+  int64_t end(int64_t t) const { return starts.empty() ? std::min(S, (t + 1) * bn) : starts[t + 1]; }
+  // the block holding key j; n for j = S
+  int64_t of_key(int64_t j) const {
+    if (starts.empty()) return j / bn;
+    return std::upper_bound(starts.begin(), starts.end(), j) - starts.begin() - 1;
+  }
+};
+
+Blocks blocks_of(const Problem& P, int64_t bn) {
+  Blocks bl;
+  bl.bn = bn;
+  bl.S = P.S;
+  if (!P.band.seg) {
+    bl.n = (P.S + bn - 1) / bn;
+    return bl;
+  }
+  const Segments& g = *P.band.seg;
+  for (int64_t s = 0; s <= g.n; ++s) {  // entry g.n: the keys past cu_k[-1] (never visible; their dK, dV are 0)
+    const int64_t k0 = g.k0[s], k1 = s < g.n ? g.k1[s] : P.S;
+    for (int64_t j = k0; j < k1; j += bn) bl.starts.push_back(j);
+  }
+  bl.n = static_cast<int64_t>(bl.starts.size());
+  bl.starts.push_back(P.S);
+  return bl;
+}
+
 // Pack x [B, Hkv, S, E] (rows) into fp32 blocks xt [B·Hkv, nblk, E, bn]: block t holds
-// x[.., t·bn : t·bn + bn, :]ᵀ, zero padded. Blocks keep B-panel rows 4·bn bytes apart
+// x[.., start(t) : end(t), :]ᵀ, zero padded. Blocks keep B-panel rows 4·bn bytes apart
 // (a row stride of 4·S bytes would map all E rows to a few L1 sets when S = 2^k).
 template <typename scalar_t>
-Tensor pack_transposed(const Tensor& x, int64_t bn) {
-  const int64_t B = x.size(0), Hx = x.size(1), S = x.size(2), E = x.size(3);
-  const int64_t nblk = (S + bn - 1) / bn;
+Tensor pack_transposed(const Tensor& x, const Blocks& bl) {
+  const int64_t B = x.size(0), Hx = x.size(1), E = x.size(3);
+  const int64_t nblk = bl.n, bn = bl.bn;
   Tensor out = at::empty({B * Hx, nblk, E, bn}, x.options().dtype(at::kFloat));
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   float* op = out.mutable_data_ptr<float>();
@@ -368,7 +403,7 @@ Tensor pack_transposed(const Tensor& x, int64_t bn) {
   at::parallel_for(0, B * Hx * nblk, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t blk = t % nblk, bh = t / nblk, b = bh / Hx, h = bh % Hx;
-      const int64_t n0 = blk * bn, nb = std::min(bn, S - n0);
+      const int64_t n0 = bl.start(blk), nb = bl.end(blk) - n0;
       float* dst = op + t * E * bn;
       const scalar_t* src = xp + b * sb + h * sh + n0 * ss;
       for (int64_t e = 0; e < E; ++e) {
@@ -403,9 +438,9 @@ void parallel_tasks(int64_t n, const Worker& worker) {
 
 template <typename scalar_t>
 void fwd_impl(const Problem& P, const Tensor& q, const Tensor& kT, const View& v, Tensor& out, Tensor& lse,
-              int64_t bn) {
-  const int64_t B = P.B, H = P.H, L = P.L, S = P.S, D = P.D, Dv = P.Dv;
-  const int64_t nmt = (L + BM - 1) / BM, nblk = (S + bn - 1) / bn;
+              const Blocks& bl) {
+  const int64_t B = P.B, H = P.H, L = P.L, D = P.D, Dv = P.Dv, bn = bl.bn;
+  const int64_t nmt = (L + BM - 1) / BM, nblk = bl.n;
   const float* ktp = kT.const_data_ptr<float>();
   scalar_t* outp = out.mutable_data_ptr<scalar_t>();
   float* lsep = lse.mutable_data_ptr<float>();
@@ -448,11 +483,11 @@ void fwd_impl(const Problem& P, const Tensor& q, const Tensor& kT, const View& v
       std::fill(mrow.begin(), mrow.end(), kNegInf);
       std::fill(lrow.begin(), lrow.end(), 0.f);
       // the tile's rows see keys [lo(i0), hi(i0 + mb - 1)) at most: blocks outside are skipped
-      const int64_t s_begin = P.band.lo(i0) / bn * bn, s_end = mb > 0 ? P.band.hi(i0 + mb - 1) : 0;
+      const int64_t s_end = mb > 0 ? P.band.hi(i0 + mb - 1) : 0;
       bool first = true;
-      for (int64_t j0 = s_begin; j0 < s_end; j0 += bn) {
-        const int64_t nb = std::min(bn, s_end - j0);
-        const float* ktb = ktp + ((b * P.Hkv + hk) * nblk + j0 / bn) * D * bn;
+      for (int64_t t = bl.of_key(P.band.lo(i0)); t < nblk && bl.start(t) < s_end; ++t) {
+        const int64_t j0 = bl.start(t), nb = std::min(bl.end(t), s_end) - j0;
+        const float* ktb = ktp + ((b * P.Hkv + hk) * nblk + t) * D * bn;
         float* Sb = sbuf.data();
         gemm<false>(mb, nb, D, qp, D, ktb, bn, Sb, bn);  // S = Q Kᵀ·scale: [mb, nb]
         for (int64_t r = 0; r < mb; ++r) {
@@ -589,9 +624,9 @@ std::tuple<Tensor, Tensor> run_fwd(const Problem& P, const Tensor& q, const Tens
       TORCH_CHECK(false, who, ": float64 runs on the torch backend");
     } else {
       const Tensor v32 = as_f32(v);
-      const int64_t bn = fwd_block_n(P);
-      const Tensor kT = pack_transposed<scalar_t>(k, bn);
-      fwd_impl<scalar_t>(P, q, kT, view_of(v32), out, lse, bn);
+      const Blocks bl = blocks_of(P, fwd_block_n(P));
+      const Tensor kT = pack_transposed<scalar_t>(k, bl);
+      fwd_impl<scalar_t>(P, q, kT, view_of(v32), out, lse, bl);
     }
   });
   return {out, lse};
@@ -631,10 +666,10 @@ inline void bwd_probs_row(const Problem& P, float* p, float* g, int64_t nv, floa
 // Cost: one extra pass of S = Q Kᵀ and dP = dO Vᵀ (2 of the backward's 5 GEMMs), so
 // only fp16/bf16 take it; extra memory is Δ itself, O(L), plus O(BM·BN) per thread.
 // Tasks are (b·H + h, query tile); each writes only its own rows, in a fixed order.
-void delta_from_probs(const Problem& P, const View& q, const View& dO, const Tensor& kT, const Tensor& vT,
-                      const Tensor& lse, Tensor& delta) {
-  const int64_t H = P.H, L = P.L, S = P.S, D = P.D, Dv = P.Dv;
-  const int64_t nkt = (S + BN_BWD - 1) / BN_BWD, nmt = (L + BM_BWD - 1) / BM_BWD;
+void delta_from_probs(const Problem& P, const Blocks& bl, const View& q, const View& dO, const Tensor& kT,
+                      const Tensor& vT, const Tensor& lse, Tensor& delta) {
+  const int64_t H = P.H, L = P.L, D = P.D, Dv = P.Dv;
+  const int64_t nkt = bl.n, nmt = (L + BM_BWD - 1) / BM_BWD;
   const float* ktp = kT.const_data_ptr<float>();
   const float* vtp = vT.const_data_ptr<float>();
   const float* lsep = lse.const_data_ptr<float>();
@@ -647,10 +682,10 @@ void delta_from_probs(const Problem& P, const View& q, const View& dO, const Ten
       const int64_t i0 = mt * BM_BWD, mb = std::min(BM_BWD, L - i0);
       float* d = dlp + bh * L + i0;
       std::fill(d, d + mb, 0.f);
-      // kv tiles on the BN_BWD grid, as in bwd_impl, from the band of the tile's rows
-      const int64_t s_begin = P.band.lo(i0) / BN_BWD * BN_BWD, s_end = mb > 0 ? P.band.hi(i0 + mb - 1) : 0;
-      for (int64_t j0 = s_begin; j0 < s_end; j0 += BN_BWD) {
-        const int64_t tile = j0 / BN_BWD, nb = std::min(BN_BWD, S - j0);
+      // bwd_impl's kv tiles (bl), from the band of the tile's rows
+      const int64_t s_end = mb > 0 ? P.band.hi(i0 + mb - 1) : 0;
+      for (int64_t tile = bl.of_key(P.band.lo(i0)); tile < nkt && bl.start(tile) < s_end; ++tile) {
+        const int64_t j0 = bl.start(tile), nb = bl.end(tile) - j0;
         const float* ktb = ktp + (bk * nkt + tile) * D * BN_BWD;
         const float* vtb = vtp + (bk * nkt + tile) * Dv * BN_BWD;
         float* Pb = pbuf.data();
@@ -701,10 +736,11 @@ Tensor row_dot(const Tensor& dout, const Tensor& out) {
 }
 
 template <typename scalar_t>
-void bwd_impl(const Problem& P, const View& q, const View& k, const View& dO, const Tensor& kT, const Tensor& vT,
-              const Tensor& lse, const Tensor& delta, float* dq_acc, int64_t chunks, Tensor& dk, Tensor& dv) {
+void bwd_impl(const Problem& P, const Blocks& bl, const View& q, const View& k, const View& dO, const Tensor& kT,
+              const Tensor& vT, const Tensor& lse, const Tensor& delta, float* dq_acc, int64_t chunks, Tensor& dk,
+              Tensor& dv) {
   const int64_t B = P.B, H = P.H, Hkv = P.Hkv, L = P.L, S = P.S, D = P.D, Dv = P.Dv;
-  const int64_t nkt = (S + BN_BWD - 1) / BN_BWD;
+  const int64_t nkt = bl.n;
   const float* ktp = kT.const_data_ptr<float>();
   const float* vtp = vT.const_data_ptr<float>();
   const float* lsep = lse.const_data_ptr<float>();
@@ -728,7 +764,7 @@ void bwd_impl(const Problem& P, const View& q, const View& k, const View& dO, co
         const int64_t round = u / 2, tile = round * 2 * chunks + ((u & 1) ? 2 * chunks - 1 - c : c);
         if (round * 2 * chunks >= nkt) break;
         if (tile >= nkt) continue;
-        const int64_t j0 = tile * BN_BWD, nb = std::min(BN_BWD, S - j0);
+        const int64_t j0 = bl.start(tile), nb = bl.end(tile) - j0;
         const float* ktb = ktp + (bk * nkt + tile) * D * BN_BWD;
         const float* vtb = vtp + (bk * nkt + tile) * Dv * BN_BWD;
         const float* kb = k.at(b, hk, j0);
@@ -833,7 +869,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> run_bwd(const Problem& P, const Tenso
     } else {
       const Tensor go = grad_out.contiguous(), lse_c = lse.contiguous();
       const Tensor qs = scaled_f32(q, scale), k32 = as_f32(k), go32 = as_f32(go);
-      const Tensor kT = pack_transposed<scalar_t>(k, BN_BWD), vT = pack_transposed<scalar_t>(v, BN_BWD);
+      const Blocks bl = blocks_of(P, BN_BWD);
+      const Tensor kT = pack_transposed<scalar_t>(k, bl), vT = pack_transposed<scalar_t>(v, bl);
       // Δ: from the stored output for fp32 (exact enough, one cheap pass); from p and dP
       // for fp16/bf16, whose stored output is rounded (see delta_from_probs)
       Tensor delta;
@@ -841,19 +878,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> run_bwd(const Problem& P, const Tenso
         delta = row_dot<scalar_t>(go, out.contiguous());
       } else {
         delta = at::empty({P.B, P.H, P.L}, q.options().dtype(at::kFloat));
-        delta_from_probs(P, view_of(qs), view_of(go32), kT, vT, lse_c, delta);
+        delta_from_probs(P, bl, view_of(qs), view_of(go32), kT, vT, lse_c, delta);
       }
       // About kDqTasks (b, kv head, chunk) tasks; each chunk beyond the first costs a
       // [B, H, L, D] fp32 dQ slice. The chunks fix the order of dQ's sum over key tiles,
       // so their count must not follow the thread count (it did: 2 per thread), or dQ's
       // bits would depend on torch.get_num_threads() (tests/test_determinism.py).
-      const int64_t nkt = (P.S + BN_BWD - 1) / BN_BWD;
+      const int64_t nkt = bl.n;
       const int64_t want = kDqTasks;
       const int64_t chunks = std::clamp<int64_t>((want + P.B * P.Hkv - 1) / (P.B * P.Hkv), 1, nkt);
       const bool direct = std::is_same_v<scalar_t, float> && chunks == 1;
       Tensor acc = direct ? dq : at::empty({chunks, P.B, P.H, P.L, P.D}, q.options().dtype(at::kFloat));
       acc.zero_();
-      bwd_impl<scalar_t>(P, view_of(qs), view_of(k32), view_of(go32), kT, vT, lse_c, delta,
+      bwd_impl<scalar_t>(P, bl, view_of(qs), view_of(k32), view_of(go32), kT, vT, lse_c, delta,
                          acc.mutable_data_ptr<float>(), chunks, dk, dv);
       if (defined(sinks)) {
         // dsink_h = -Σ_{b,i} p_sink·Δ with p_sink = exp(sink_h - lse): O(B·H·L), deterministic ATen sums
