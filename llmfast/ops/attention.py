@@ -352,6 +352,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     needs = _needs(bool(is_causal), left, right, True, softcap, sinks)
     if backends.resolve("attention", q, needs) != "cpu" or q.device.type != "cpu":
         return None
+    if not backends._has_kernel("llmfast::attention_varlen_fwd", "CPU"):
+        return None  # an llmfast._C built before the varlen kernels: per segment
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     if sinks is not None:
