@@ -33,6 +33,7 @@ from torch import Tensor, nn
 import llmfast.nn as lnn
 from llmfast.flash_attn import flash_attn_with_kvcache
 from llmfast.nn import functional as F
+from llmfast.ops import rope as rope_op
 
 __all__ = ["GPTConfig", "GPT"]
 
@@ -108,8 +109,10 @@ class CausalSelfAttention(nn.Module):
         # [B, L, 3C] -> q, k, v: [B, L, H, D] strided views, the layout flash_attention reads.
         q, k, v = self.c_attn(x).view(B, L, 3, self.n_head, C // self.n_head).unbind(2)
         if rope is not None:
-            # NeoX pairing (i, i + D/2), angles [L, D/2] at this chunk's positions (KV cache: from start)
-            q, k = F.rotary_embedding(q, *rope), F.rotary_embedding(k, *rope)
+            # NeoX pairing (i, i + D/2), angles [L, D/2] at this chunk's positions (KV cache: from start):
+            # q and k in one rope call (one launch, one pass over the tables)
+            cos, sin = (t.unsqueeze(0) for t in rope)
+            q, k = rope_op.rope(q, k, cos, sin, 2 * cos.shape[-1], False)
         if cache is not None:
             y = cache.attend(q, k, v, start)
         else:
