@@ -173,7 +173,7 @@ def test_constant_and_zero_rows(kind, backend, dtype, n, device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,nshape", [((1,), (1,)), ((5, 1), (1,)), ((3, 2, 1, 1), (1, 1))])
-@pytest.mark.parametrize("backend", [p for p in backends_for("layer_norm", emu=True)])
+@pytest.mark.parametrize("backend", backends_for("layer_norm", emu=True))
 def test_layer_norm_one_feature(backend, shape, nshape, dtype, device):
     """Over one feature the output is the bias and dx is exactly 0 (the residual's gradient
     passes through); torch's OpInfo samples include this shape. Before, fma contraction of
