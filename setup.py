@@ -4,8 +4,9 @@
 compiled. The CUDA sources (``csrc/cuda/*.cu``) are added when torch was built with
 CUDA and an ``nvcc`` is found; ``LLMFAST_BUILD_CUDA=0/1`` forces that off/on.
 ``TORCH_CUDA_ARCH_LIST`` defaults to ``8.0;9.0``; ``MAX_JOBS`` is honoured by
-torch's ninja build.  ``LLMFAST_CPU_ISA=avx512|avx2|default`` overrides the
-vector ISA of the CPU kernels, which otherwise follows the build machine.
+torch's ninja build.  ``LLMFAST_CPU_ISA=avx512bf16|avx512|avx2|default`` overrides the
+vector ISA of the CPU kernels, which otherwise follows the build machine (avx512bf16:
+AVX-512 plus the bf16 dot product ``vdpbf16ps``, Zen 4 / Cooper Lake and later).
 
 ``llmfast._emu``: the same ``csrc/cuda/*.cu`` compiled as C++ for the CPU warp
 emulator (``csrc/dev/cuda_emu.h``), so the test suite runs the CUDA kernels without
@@ -59,7 +60,7 @@ def _cpu_isa():
     except OSError:
         return "default"
     if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
-        return "avx512"
+        return "avx512bf16" if "avx512_bf16" in flags else "avx512"
     if all(f in flags for f in ("avx2", "fma", "f16c")):
         return "avx2"
     return "default"
@@ -69,9 +70,11 @@ def _cpu_flags(isa):
     # at::vec picks its Vectorized<> implementation from CPU_CAPABILITY_*; the
     # CPU_CAPABILITY macro names the inline namespace, keeping ours apart from torch's.
     base = ["-O3", "-fopenmp"]  # torch picks the C++ standard its headers need
-    if isa == "avx512":
-        return base + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                       "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    if isa in ("avx512", "avx512bf16"):
+        # kernels test __AVX512BF16__ for their bf16 dot-product paths and keep a widening fallback
+        bf16 = ["-mavx512bf16"] if isa == "avx512bf16" else []
+        return base + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"] + bf16 + [
+            "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
     if isa == "avx2":
         return base + ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return base
